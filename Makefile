@@ -1,0 +1,42 @@
+# The two commands of the README: `make train` and `make test`. Everything else hangs off them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines: torch 2.13.0 CPU build. GPU users: `make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128`
+# (any torch >= 2.4 with CUDA works; the lock pins the rest).
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS ?= dev,assets,vision
+OUT ?= runs/smoke
+PORT ?= 29611
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+export OMP_NUM_THREADS ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv train test test-all smoke clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c requirements/lock.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+# The embedded default: 2 CPU ranks, deepspeed launcher, MiniLM upcycled to PAD-MoE on Rotten Tomatoes.
+train: $(STAMP)
+	$(VENV)/bin/padnet-ds launch --nproc 2 --master-port $(PORT) train configs/default.yaml $(ARGS)
+
+smoke: $(STAMP)
+	$(VENV)/bin/padnet-ds launch --nproc 2 --master-port $(PORT) train configs/smoke.yaml output_dir=$(OUT) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

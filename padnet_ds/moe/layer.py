@@ -1,0 +1,162 @@
+"""``PADMoE``: a PAD-Net layer that *is* DeepSpeed's expert-parallel MoE.
+
+Subclassing ``deepspeed.moe.layer.MoE`` keeps everything DeepSpeed does for native MoE
+layers: TopKGate routing and ``l_aux``, all-to-all dispatch over ``ep_size`` ranks, expert
+parameters marked ``allreduce=False`` and reduced in the expert-data-parallel group,
+one checkpoint file per global expert, and the engine's MoE-aware gradient norm.
+PAD adds one :class:`PADUnit` per expert linear (static weight, shared mask, ``phi``),
+held in ``self.pad``: ordinary replicated data-parallel parameters.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from deepspeed.moe.layer import MoE
+from torch import Tensor, nn
+
+from ..pad.compose import PADUnit, check_lambda_mode
+from .expert import FFNExpert, PADExpertLinear, pad_linears_of, to_pad_expert
+
+MASK_SCOPES = ("shared", "expert")
+NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
+
+
+def check_moe_args(num_experts: int, ep_size: int, k: int, noisy_gate_policy: Optional[str], mask_scope: str) -> None:
+    if num_experts < 1:
+        raise ValueError(f"num_experts={num_experts} must be >= 1")
+    if ep_size < 1 or num_experts % ep_size:
+        raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}: each expert-parallel "
+                         "rank holds num_experts/ep_size experts, so pick an ep_size that divides num_experts")
+    if k < 1 or k > num_experts:
+        raise ValueError(f"k={k} must be between 1 and num_experts={num_experts} (each token goes to its top-k experts)")
+    if noisy_gate_policy not in NOISY_GATE_POLICIES:
+        raise ValueError(f"noisy_gate_policy={noisy_gate_policy!r} is not one of None, 'Jitter', 'RSample'")
+    if mask_scope not in MASK_SCOPES:
+        raise ValueError(f"mask_scope={mask_scope!r} is not one of {MASK_SCOPES}: 'shared' (one mask per PAD linear "
+                         "for all experts, the paper's default) or 'expert' (one mask per expert)")
+
+
+class PADMoE(MoE):
+    """Drop-in for ``deepspeed.moe.layer.MoE`` whose expert linears are PAD linears.
+
+    Same constructor arguments as DeepSpeed's MoE, plus ``lambda_mode`` and ``mask_scope``.
+    ``y, l_aux, exp_counts = layer(x)`` as in DeepSpeed.
+    """
+
+    def __init__(self,
+                 hidden_size: int,
+                 expert: nn.Module,
+                 num_experts: int = 1,
+                 ep_size: int = 1,
+                 k: int = 1,
+                 capacity_factor: float = 1.0,
+                 eval_capacity_factor: float = 1.0,
+                 min_capacity: int = 4,
+                 use_residual: bool = False,
+                 noisy_gate_policy: Optional[str] = None,
+                 drop_tokens: bool = True,
+                 use_rts: bool = True,
+                 use_tutel: bool = False,
+                 enable_expert_tensor_parallelism: bool = False,
+                 top2_2nd_expert_sampling: bool = True,
+                 *,
+                 lambda_mode: str = "both",
+                 mask_scope: str = "shared") -> None:
+        check_moe_args(num_experts, ep_size, k, noisy_gate_policy, mask_scope)
+        check_lambda_mode(lambda_mode)
+        per_expert = mask_scope == "expert"
+        template, keys = to_pad_expert(expert, per_expert)
+        units = {key: PADUnit(template.get_submodule(path).weight if path else template.weight,
+                              lambda_mode, shared_mask=not per_expert, name=key)
+                 for path, key in keys.items()}
+        super().__init__(hidden_size, template, num_experts, ep_size, k, capacity_factor, eval_capacity_factor,
+                         min_capacity, use_residual, noisy_gate_policy, drop_tokens, use_rts, use_tutel,
+                         enable_expert_tensor_parallelism, top2_2nd_expert_sampling)
+        self.lambda_mode = lambda_mode
+        self.mask_scope = mask_scope
+        self.k = k
+        self.pad = nn.ModuleDict(units)
+        self._unit_of_path = dict(keys)
+        # Bind after DeepSpeed deep-copied the template, so every copy shares the same unit.
+        for owner in self.expert_modules():
+            for path, lin in pad_linears_of(owner):
+                lin.bind(self.pad[self._unit_of_path[path]])
+
+    @classmethod
+    def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, activation: nn.Module, *, num_experts: int,
+                   ep_size: int = 1, k: int = 1, **moe_kwargs) -> "PADMoE":
+        """Upcycle a dense FFN: static weights = the dense weights, every expert = a copy.
+
+        With lambdas at 1 the result computes what the dense FFN did (up to the gate's
+        weighting, which sums to 1 over the chosen experts when nothing is dropped).
+        """
+        return cls(fc1.in_features, FFNExpert(fc1, fc2, activation), num_experts=num_experts, ep_size=ep_size,
+                   k=k, **moe_kwargs)
+
+    # -- structure ---------------------------------------------------------------------------
+    def expert_modules(self) -> List[nn.Module]:
+        """The local expert copies (and the residual MLP, which is a PAD expert too)."""
+        owners = list(self.deepspeed_moe.experts.deepspeed_experts)
+        if self.use_residual:
+            owners.append(self.mlp)
+        return owners
+
+    def pad_linears(self) -> List[PADUnit]:
+        """The PAD units, in expert-module order: each has ``.static_weight``, ``.phi`` and ``.mask``."""
+        return list(self.pad.values())
+
+    def local_expert_linears(self, unit: PADUnit) -> List[PADExpertLinear]:
+        """This rank's expert linears composed with ``unit`` (residual MLP excluded)."""
+        path = next(p for p, key in self._unit_of_path.items() if self.pad[key] is unit)
+        return [e.get_submodule(path) if path else e for e in self.deepspeed_moe.experts.deepspeed_experts]
+
+    def masks(self, unit: PADUnit) -> List[Tensor]:
+        """The masks that govern ``unit``: the shared one, or one per local expert."""
+        if unit.shared_mask:
+            return [unit.mask]
+        return [lin.mask for lin in self.local_expert_linears(unit)]
+
+    def dynamic_ratio(self) -> float:
+        """Fraction of mask entries that are dynamic (per-expert masks: over this rank's experts)."""
+        total = dynamic = 0
+        for unit in self.pad_linears():
+            for mask in self.masks(unit):
+                total += mask.numel()
+                dynamic += int(mask.sum())
+        return dynamic / total
+
+    # -- distributed -------------------------------------------------------------------------
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        # Called by the engine on every rank before any expert group exists: fail here, not in a collective.
+        if torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world % self.ep_size:
+                raise ValueError(f"world size {world} is not divisible by ep_size={self.ep_size}: expert-parallel "
+                                 "groups tile the ranks, so launch a multiple of ep_size ranks or change ep_size")
+        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+
+    # -- forward -----------------------------------------------------------------------------
+    @contextmanager
+    def _composition(self) -> Iterator[None]:
+        units = self.pad_linears()
+        for unit in units:
+            unit.hold()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.release()
+
+    def forward(self, hidden_states: Tensor, used_token: Optional[Tensor] = None):
+        with self._composition():
+            return super().forward(hidden_states, used_token)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, ep_size={self.ep_size}, k={self.k}, " \
+               f"lambda_mode={self.lambda_mode!r}, mask_scope={self.mask_scope!r}"
+
+
+def pad_moe_layers(model: nn.Module) -> Dict[str, PADMoE]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PADMoE)}

@@ -1,0 +1,16 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only shared folder (real GLUE files etc.), `PADNET_SHARED` or ../shared."""
+    path = Path(os.environ.get("PADNET_SHARED", REPO.parent / "shared"))
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} not found (set PADNET_SHARED)")
+    return path
