@@ -72,6 +72,21 @@ def composed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], static: T
     return ComposedLinear.apply(x, weight, bias, static, mdyn)
 
 
+def lambda_pair(mode: str, phi: Tensor) -> Tuple[Tensor, Tensor]:
+    """(lambda_d, lambda_s) for a lambda mode; ``phi`` is the layer's 0-d learnable scalar."""
+    one = torch.ones((), dtype=phi.dtype, device=phi.device)
+    learned = 2 * torch.sigmoid(phi)
+    if mode == "both":
+        return learned, 2 - learned
+    if mode == "s":
+        return one, learned
+    if mode == "d":
+        return learned, one
+    if mode == "none":
+        return one, one
+    return one, torch.zeros_like(one)  # prune: the static part is dropped
+
+
 ScoreSink = Callable[[nn.Module, Tensor], None]
 
 
@@ -114,17 +129,7 @@ class PADUnit(nn.Module):
 
     def lambdas(self) -> Tuple[Tensor, Tensor]:
         """(lambda_d, lambda_s) as 0-d tensors carrying gradient to ``phi`` where it is learned."""
-        one = torch.ones((), dtype=self.phi.dtype, device=self.phi.device)
-        learned = 2 * torch.sigmoid(self.phi.view(()))
-        if self.lambda_mode == "both":
-            return learned, 2 - learned
-        if self.lambda_mode == "s":
-            return one, learned
-        if self.lambda_mode == "d":
-            return learned, one
-        if self.lambda_mode == "none":
-            return one, one
-        return one, torch.zeros_like(one)  # prune
+        return lambda_pair(self.lambda_mode, self.phi.view(()))
 
     def check_mask(self, mask: Tensor, what: str = "mask") -> Tensor:
         if tuple(mask.shape) != tuple(self.weight_shape):
