@@ -25,12 +25,19 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -c requirements/lock.txt -e ".[$(EXTRAS)]"
 	touch $@
 
+NPROC ?= 2
+# --num_accelerators: on CPU the launcher otherwise starts a single process.
+LAUNCH = $(VENV)/bin/deepspeed --num_accelerators $(NPROC) --master_port $(PORT) --module padnet_ds.cli
+
 # The embedded default: 2 CPU ranks, deepspeed launcher, MiniLM upcycled to PAD-MoE on Rotten Tomatoes.
+# Each run gets a fresh timestamped folder, so nothing written before is touched (TRAIN_OUT=runs/x ARGS=resume=true
+# continues an interrupted run).
+TRAIN_OUT ?= runs/default-$(shell date +%Y%m%d-%H%M%S)
 train: $(STAMP)
-	$(VENV)/bin/padnet-ds launch --nproc 2 --master-port $(PORT) train configs/default.yaml $(ARGS)
+	$(LAUNCH) train configs/default.yaml output_dir=$(TRAIN_OUT) $(ARGS)
 
 smoke: $(STAMP)
-	$(VENV)/bin/padnet-ds launch --nproc 2 --master-port $(PORT) train configs/smoke.yaml output_dir=$(OUT) $(ARGS)
+	$(LAUNCH) train configs/smoke.yaml output_dir=$(OUT) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

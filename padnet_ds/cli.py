@@ -1,0 +1,83 @@
+"""``padnet-ds train | eval | inspect``: argument parsing only; the work is in ``engine/``.
+
+Run under any launcher (``deepspeed``, ``torchrun``, ``mpirun``) or as one process. The
+``deepspeed`` launcher appends ``--local_rank=N``; it is accepted and ignored (the rank
+comes from the environment).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="padnet-ds", description="PAD-Net partially dynamic MoE on DeepSpeed")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fine-tune a PAD-MoE model (YAML config + key=value overrides)")
+    t.add_argument("config", help="run config YAML, e.g. configs/smoke.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 output_dir=runs/x resume=true")
+    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
+    e.add_argument("checkpoint", help="run folder (output_dir) or its checkpoints/ folder")
+    e.add_argument("overrides", nargs="*", help="data.* overrides to evaluate on other data, e.g. data.task=mrpc")
+    i = sub.add_parser("inspect", help="describe a checkpoint: layers, experts, dynamic ratios, parameter counts")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from .engine.config import ConfigError
+
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        return _inspect(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"padnet-ds: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from .engine.config import load_config
+    from .engine.distributed import rank
+    from .engine.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    if rank() == 0:
+        main = summary["main_metric"]
+        print(f"eval {main}: {summary['eval'].get(main, float('nan')):.4f}  "
+              f"dynamic ratio: {summary['dynamic_ratio']:.3f}  steps: {summary['steps']}")
+        print(f"summary: {cfg.output_dir}/summary.json")
+        print(f"TensorBoard: tensorboard --logdir {cfg.output_dir}/tensorboard")
+    return 0
+
+
+def _eval(args) -> int:
+    from .engine.distributed import rank
+    from .engine.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.checkpoint, args.overrides)
+    if rank() == 0:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _inspect(args) -> int:
+    from .engine.inspect import format_report, inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint)
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""``padnet-ds inspect``: what a checkpoint holds, read from its files (no process group).
+
+A PAD unit is any state-dict prefix with both ``static_weight`` and ``phi``; its factors
+are the experts of its MoE layer (one file per global expert) or the kernels of its
+DY-Conv layer. Masks come from the replicated state (shared) or the expert files.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+import yaml
+
+from ..pad.accounting import pad_counts
+from ..pad.compose import lambda_pair
+from .checkpoint import latest_tag
+
+EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt")
+EXPERT_KEY = re.compile(r"(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)")
+
+
+def resolve(path: str) -> tuple:
+    """Accept a run folder, its checkpoints/ folder, or one tag folder."""
+    p = Path(path)
+    for run, ckpt, tag in ((p, p / "checkpoints", None), (p.parent, p, None), (p.parent.parent, p.parent, p.name)):
+        if (ckpt / "latest").is_file() or (tag and (ckpt / tag).is_dir()):
+            tag = tag or latest_tag(ckpt)
+            if (ckpt / tag / "mp_rank_00_model_states.pt").is_file():
+                return run, ckpt / tag
+    raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint: give a run folder (output_dir), its "
+                            "checkpoints/ folder, or a checkpoint tag folder")
+
+
+def inspect_checkpoint(path: str) -> Dict[str, Any]:
+    run, tag_dir = resolve(path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    module: Dict[str, torch.Tensor] = states["module"]
+    experts: Dict[str, Dict[int, Dict[str, torch.Tensor]]] = {}
+    for f in sorted(tag_dir.iterdir()):
+        if EXPERT_FILE.fullmatch(f.name):
+            for key, t in torch.load(f, map_location="cpu", weights_only=False).items():
+                m = EXPERT_KEY.fullmatch(key)
+                if m:
+                    experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
+    moe_cfg = cfg.get("moe", {})
+    lambda_mode = moe_cfg.get("lambda_mode", "both")
+    units: List[Dict[str, Any]] = []
+    for key in sorted(module):
+        if not key.endswith(".static_weight"):
+            continue
+        prefix = key[: -len(".static_weight")]
+        p = module[key].numel()
+        moe_prefix, _, unit_name = prefix.rpartition(".pad.")
+        if moe_prefix and moe_prefix in experts:
+            layer_experts = experts[moe_prefix]
+            factors = len(layer_experts)
+            masks = [module[f"{prefix}.mask"]] if f"{prefix}.mask" in module else [
+                e[f"{path}.mask"] for e in layer_experts.values() for path in [unit_path(e, unit_name)]]
+            kind, layer = "moe", moe_prefix
+        else:
+            layer = prefix.rpartition(".")[0]
+            kernels = module.get(f"{layer}.weight")
+            factors = int(kernels.shape[0]) if kernels is not None and kernels.ndim == 5 else 1
+            masks = [module[f"{prefix}.mask"]]
+            kind = "dyconv"
+            lambda_mode = cfg.get("extra", {}).get("vision", {}).get("lambda_mode", lambda_mode)
+        ratio = float(sum(m.float().sum() for m in masks) / sum(m.numel() for m in masks))
+        lam_d, lam_s = lambda_pair(lambda_mode, module[f"{prefix}.phi"].float().view(()))
+        counts = pad_counts(p, factors, ratio, lambda_mode != "prune")
+        units.append(dict(name=prefix, kind=kind, layer=layer, factors=factors, shape=list(module[key].shape),
+                          dynamic_ratio=ratio, lambda_d=float(lam_d), lambda_s=float(lam_s),
+                          params_fully_dynamic=counts["fully_dynamic"], params_pad=counts["pad"],
+                          mask_bits=counts["mask_bits"]))
+    full = sum(u["params_fully_dynamic"] for u in units)
+    pad = sum(u["params_pad"] for u in units)
+    dyn = sum(u["dynamic_ratio"] * u["mask_bits"] for u in units)
+    return {
+        "checkpoint": str(tag_dir),
+        "ep_size": moe_cfg.get("ep_size"),
+        "num_experts": moe_cfg.get("num_experts"),
+        "moe_layers": sorted({u["layer"] for u in units if u["kind"] == "moe"}),
+        "dyconv_layers": sorted({u["layer"] for u in units if u["kind"] == "dyconv"}),
+        "units": units,
+        "dynamic_ratio": dyn / max(1, sum(u["mask_bits"] for u in units)),
+        "params_fully_dynamic": full,
+        "params_pad": pad,
+        "pad_fraction_of_fully_dynamic": pad / full if full else None,
+    }
+
+
+def unit_path(expert_state: Dict[str, torch.Tensor], unit_name: str) -> str:
+    """The expert-module path whose unit key is ``unit_name`` (keys are paths with '.' -> '_')."""
+    for key in expert_state:
+        if key.endswith(".mask") and key[: -len(".mask")].replace(".", "_") == unit_name:
+            return key[: -len(".mask")]
+    raise KeyError(f"no per-expert mask for PAD unit {unit_name}")
+
+
+def format_report(info: Dict[str, Any]) -> str:
+    lines = [f"checkpoint: {info['checkpoint']}",
+             f"MoE layers: {len(info['moe_layers'])}  experts: {info['num_experts']}  ep_size: {info['ep_size']}  "
+             f"DY-Conv layers: {len(info['dyconv_layers'])}",
+             f"{'PAD unit':60s} {'factors':>7s} {'dyn.ratio':>9s} {'lambda_d':>8s} {'lambda_s':>8s} "
+             f"{'fully dyn.':>11s} {'PAD':>11s}"]
+    for u in info["units"]:
+        lines.append(f"{u['name']:60s} {u['factors']:7d} {u['dynamic_ratio']:9.3f} {u['lambda_d']:8.3f} "
+                     f"{u['lambda_s']:8.3f} {u['params_fully_dynamic']:11.0f} {u['params_pad']:11.0f}")
+    frac = info["pad_fraction_of_fully_dynamic"]
+    lines.append(f"overall dynamic ratio {info['dynamic_ratio']:.3f}; PAD stores {info['params_pad']:.0f} of "
+                 f"{info['params_fully_dynamic']:.0f} values a fully dynamic model would"
+                 + (f" ({100 * frac:.1f}%)" if frac else ""))
+    return "\n".join(lines)

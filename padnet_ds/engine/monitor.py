@@ -1,0 +1,56 @@
+"""TensorBoard on rank 0: scalars, and the global expert load as a heatmap image."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+class Monitor:
+
+    def __init__(self, logdir: Path, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(logdir))
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, float(value), step)
+
+    def expert_load(self, loads: Sequence[torch.Tensor], layer_names: Sequence[str], step: int) -> None:
+        """``loads[l][e]``: tokens routed to global expert e of layer l, summed over ranks."""
+        if self.writer is None or not loads:
+            return
+        matrix = torch.stack([l.float().cpu() for l in loads]).numpy()
+        for name, row in zip(layer_names, matrix):
+            share = row / max(row.sum(), 1.0)
+            for e, value in enumerate(share):
+                self.writer.add_scalar(f"moe/{name}/expert_{e}_load", float(value), step)
+        self.writer.add_image("moe/expert_load_heatmap", heatmap(matrix), step, dataformats="HWC")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def heatmap(matrix: np.ndarray, cell: int = 16) -> np.ndarray:
+    """Rows = layers, columns = experts; each row normalised to its share, dark blue -> yellow."""
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1.0)
+    scale = share / max(float(share.max()), 1e-12)
+    low, high = np.array([30, 30, 120], np.float32), np.array([250, 230, 40], np.float32)
+    rgb = (low + scale[..., None] * (high - low)).astype(np.uint8)
+    return np.kron(rgb, np.ones((cell, cell, 1), np.uint8))
+
+
+def optional_float(x: Optional[torch.Tensor]) -> float:
+    return float(x) if x is not None else float("nan")

@@ -1,0 +1,104 @@
+"""Workloads the training loop can run: what model, what data, how a batch becomes a loss.
+
+The loop in ``trainer.py`` knows nothing about text or images; a task supplies the model,
+the train/eval datasets, a collate function and the metric. Batches must have the same
+shape on every rank when experts are sharded (the all-to-all exchanges fixed-size
+capacity buffers), so text is padded to ``max_length``, not to the longest row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+
+
+@dataclass
+class Task:
+    model: nn.Module
+    train_set: Any
+    eval_set: Any
+    collate: Callable[[List[Dict[str, Any]]], Dict[str, torch.Tensor]]
+    metrics: Callable[[Any, Any], Dict[str, float]]
+    main_metric: str
+    is_regression: bool
+    info: Dict[str, Any]
+
+    def loss(self, engine, batch: Dict[str, torch.Tensor]):
+        out = engine(**batch)
+        return out.loss if hasattr(out, "loss") else out[0]
+
+    def predict(self, engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = engine(**inputs)
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits.squeeze(-1).float() if self.is_regression else logits.argmax(-1)
+
+    def tokens(self, batch: Dict[str, torch.Tensor]) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else int(batch["labels"].numel())
+
+
+def pad_to_length(items: List[Dict[str, Any]], length: int, pad_id: int) -> Dict[str, torch.Tensor]:
+    out: Dict[str, torch.Tensor] = {}
+    for key in items[0]:
+        if key == "labels":
+            labels = [torch.as_tensor(it["labels"]) for it in items]
+            out["labels"] = torch.stack(labels)
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        rows = torch.full((len(items), length), fill, dtype=torch.long)
+        for i, it in enumerate(items):
+            seq = torch.as_tensor(it[key], dtype=torch.long)[:length]
+            rows[i, :len(seq)] = seq
+        out[key] = rows
+    return out
+
+
+def text_task(cfg: RunConfig) -> Task:
+    from ..data.encode import EncodedTextDataset
+    from ..data.metrics import compute_metrics
+    from ..data.text import load_text_task
+    from ..models.encoder import build_classifier
+    from ..models.pretrained import load_tokenizer
+
+    spec, train, evals = load_text_task(cfg.data)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+    model = build_classifier(cfg.model.name, spec.num_labels, spec.is_regression, cfg.moe,
+                             random_init_config=cfg.model.random_init)
+    length = cfg.model.max_length
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Task(model=model,
+                train_set=EncodedTextDataset(tokenizer, train, length, regression=spec.is_regression),
+                eval_set=EncodedTextDataset(tokenizer, evals, length, regression=spec.is_regression),
+                collate=lambda items: pad_to_length(items, length, pad_id),
+                metrics=lambda preds, labels: compute_metrics(spec, preds, labels),
+                main_metric=spec.main_metric,
+                is_regression=spec.is_regression,
+                info={"task": spec.name, "num_labels": spec.num_labels, "train_rows": len(train),
+                      "eval_rows": len(evals), "label_names": list(spec.label_names)})
+
+
+TASKS: Dict[str, Callable[[RunConfig], Task]] = {"text": text_task}
+
+
+def register_task(name: str, factory: Callable[[RunConfig], Task]) -> None:
+    TASKS[name] = factory
+
+
+def build_task(cfg: RunConfig) -> Task:
+    if cfg.task not in TASKS:
+        from .config import ConfigError
+
+        raise ConfigError(f"task={cfg.task!r} is not one of {sorted(TASKS)}")
+    return TASKS[cfg.task](cfg)
+
+
+def majority_baseline(labels) -> Optional[float]:
+    labels = list(labels)
+    if not labels or isinstance(labels[0], float):
+        return None
+    return max(labels.count(v) for v in set(labels)) / len(labels)
