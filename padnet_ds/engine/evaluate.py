@@ -39,7 +39,7 @@ def evaluate(engine, task: Task, batch_size: int) -> Dict[str, float]:
     preds: List[Any] = []
     for batch in eval_loader(task, batch_size):
         index, keep = batch.pop("_index"), batch.pop("_keep")
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in task.align(batch).items()}
         p = task.predict(engine, batch).cpu()
         labels = batch["labels"].cpu()
         preds += [(int(i), pv.item(), lv.item()) for i, pv, lv, k in zip(index, p, labels, keep) if k]

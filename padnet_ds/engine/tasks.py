@@ -2,8 +2,9 @@
 
 The loop in ``trainer.py`` knows nothing about text or images; a task supplies the model,
 the train/eval datasets, a collate function and the metric. Batches must have the same
-shape on every rank when experts are sharded (the all-to-all exchanges fixed-size
-capacity buffers), so text is padded to ``max_length``, not to the longest row.
+shape on every rank when experts are sharded (DeepSpeed's expert capacity, and so the
+all-to-all buffer size, depends on the tokens per rank), so text batches are padded to the
+longest row *across ranks* (one scalar all-reduce per micro-batch), capped at ``max_length``.
 """
 from __future__ import annotations
 
@@ -26,6 +27,22 @@ class Task:
     main_metric: str
     is_regression: bool
     info: Dict[str, Any]
+    pad_id: Optional[int] = None  # text: pad sequences to the same length on every rank
+
+    def align(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Pad the sequence dimension to the longest across ranks (text only; a no-op otherwise)."""
+        if self.pad_id is None or "input_ids" not in batch:
+            return batch
+        import torch.distributed as dist
+
+        length = torch.tensor(batch["input_ids"].shape[1])
+        if dist.is_initialized():
+            dist.all_reduce(length, op=dist.ReduceOp.MAX)
+        extra = int(length) - batch["input_ids"].shape[1]
+        if extra <= 0:
+            return batch
+        return {k: (torch.nn.functional.pad(v, (0, extra), value=self.pad_id if k == "input_ids" else 0)
+                    if k != "labels" and v.ndim == 2 else v) for k, v in batch.items()}
 
     def loss(self, engine, batch: Dict[str, torch.Tensor]):
         out = engine(**batch)
@@ -43,6 +60,9 @@ class Task:
 
 
 def pad_to_length(items: List[Dict[str, Any]], length: int, pad_id: int) -> Dict[str, torch.Tensor]:
+    """Pad to the batch's longest row rounded up to a multiple of 8, at most ``length``."""
+    longest = max(len(it["input_ids"]) for it in items)
+    length = min(length, -(-longest // 8) * 8)
     out: Dict[str, torch.Tensor] = {}
     for key in items[0]:
         if key == "labels":
@@ -78,6 +98,7 @@ def text_task(cfg: RunConfig) -> Task:
                 metrics=lambda preds, labels: compute_metrics(spec, preds, labels),
                 main_metric=spec.main_metric,
                 is_regression=spec.is_regression,
+                pad_id=pad_id,
                 info={"task": spec.name, "num_labels": spec.num_labels, "train_rows": len(train),
                       "eval_rows": len(evals), "label_names": list(spec.label_names)})
 

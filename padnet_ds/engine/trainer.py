@@ -157,7 +157,9 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
         loop.update(checkpoint.load(engine, partitioner, run_dir))
         log.info("resumed from %s at step %d", loop.get("tag"), loop["step"])
     elif partitioner.active and cfg.partition.mode == "before_training":
-        entries = partitioner.run_before_training(engine, scoring_batches(task, cfg), lambda eng, b: task.loss(eng, b))
+        entries = partitioner.run_before_training(
+            engine, scoring_batches(task, cfg),
+            lambda eng, b: task.loss(eng, {k: v.to(eng.device) for k, v in task.align(b).items()}))
         for e in entries:
             log_partition(monitor, e, 0)
 
@@ -178,7 +180,7 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
                 partitioner.before_step(step)
                 if "before_step" in hooks:
                     hooks["before_step"](module, step, loop["epoch"] + i / max(1, len(loader)))
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in task.align(batch).items()}
             window["tokens"] += task.tokens(batch)
             loss = task.loss(engine, batch)
             aux = moe_aux(module)
