@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv train test test-all smoke clean-venv
+.PHONY: venv train test test-all smoke study clean-venv
 
 venv: $(STAMP)
 
@@ -38,6 +38,17 @@ train: $(STAMP)
 
 smoke: $(STAMP)
 	$(LAUNCH) train configs/smoke.yaml output_dir=$(OUT) $(ARGS)
+
+# PAD's quality claim: dense vs fully dynamic MoE vs PAD at several ratios (+ random ablation), GLUE from a local glue_data.
+PADNET_SHARED ?= ../shared
+GLUE_DIR ?= $(PADNET_SHARED)/glue
+TASKS ?= sst2,mrpc
+RATIOS ?= 1.0,0.5,0.3
+SEEDS ?= 1,2
+STUDY_OUT ?= runs/study-$(shell date +%Y%m%d-%H%M%S)
+study: $(STAMP)
+	$(LAUNCH) study configs/study.yaml tasks=$(TASKS) ratios=$(RATIOS) seeds=$(SEEDS) out=$(STUDY_OUT) \
+		data.glue_dir=$(GLUE_DIR) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

@@ -1,4 +1,4 @@
-"""``padnet-ds train | eval | inspect``: argument parsing only; the work is in ``engine/``.
+"""``padnet-ds train | eval | study | inspect``: argument parsing only; the work is in ``engine/``.
 
 Run under any launcher (``deepspeed``, ``torchrun``, ``mpirun``) or as one process. The
 ``deepspeed`` launcher appends ``--local_rank=N``; it is accepted and ignored (the rank
@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
     e.add_argument("checkpoint", help="run folder (output_dir) or its checkpoints/ folder")
     e.add_argument("overrides", nargs="*", help="data.* overrides to evaluate on other data, e.g. data.task=mrpc")
+    s = sub.add_parser("study", help="dense vs fully dynamic MoE vs PAD at several ratios (+ random ablation)")
+    s.add_argument("config", help="base run config, e.g. configs/study.yaml")
+    s.add_argument("overrides", nargs="*", help="tasks=sst2,mrpc ratios=1.0,0.5,0.3 seeds=1,2 out=DIR "
+                   "[dense=false ablation=false] plus run-config key=value overrides")
     i = sub.add_parser("inspect", help="describe a checkpoint: layers, experts, dynamic ratios, parameter counts")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -39,6 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _train(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "study":
+            return _study(args)
         return _inspect(args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"padnet-ds: error: {err}", file=sys.stderr)
@@ -68,6 +74,16 @@ def _eval(args) -> int:
     metrics = evaluate_run(args.checkpoint, args.overrides)
     if rank() == 0:
         print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _study(args) -> int:
+    from .engine.distributed import rank
+    from .engine.study import run_study
+
+    result = run_study(args.config, args.overrides)
+    if rank() == 0:
+        print(result["table"])
     return 0
 
 

@@ -32,6 +32,8 @@ class ModelConfig:
     # Tokenizer to use with random_init models (a name or folder); defaults to `name`.
     tokenizer: Optional[str] = None
     max_length: int = 128
+    # Keep the encoder dense (no MoE at all): the baseline of a study.
+    dense: bool = False
 
 
 @dataclass

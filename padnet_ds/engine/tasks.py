@@ -87,7 +87,7 @@ def text_task(cfg: RunConfig) -> Task:
 
     spec, train, evals = load_text_task(cfg.data)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
-    model = build_classifier(cfg.model.name, spec.num_labels, spec.is_regression, cfg.moe,
+    model = build_classifier(cfg.model.name, spec.num_labels, spec.is_regression, None if cfg.model.dense else cfg.moe,
                              random_init_config=cfg.model.random_init)
     length = cfg.model.max_length
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

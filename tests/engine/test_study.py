@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from padnet_ds.engine.config import ConfigError
+from padnet_ds.engine.study import parse_study_args
+from tests.engine.test_train import TINY, glue
+from tests.harness import run_ranks
+
+
+def study_in_ranks(out, extra):
+    from padnet_ds.engine.study import run_study
+
+    return run_study("configs/smoke.yaml", [f"out={out}", "tasks=wnli", "ratios=1.0,0.5", "seeds=1", *extra])
+
+
+def test_study_runs_every_arm_and_writes_table_results_and_plot(tmp_path, shared_dir):
+    extra = [*TINY, *glue(shared_dir, "WNLI", 128), "train.steps=10", "train.eval_every=0",
+             "train.checkpoint_every=0", "train.keep_checkpoints=1"]
+    res, _ = run_ranks(study_in_ranks, 2, str(tmp_path / "study"), extra)
+    arms = [(r["variant"], r["dynamic_ratio"]) for r in res["results"]]
+    assert [a for a, _ in arms] == ["dense", "moe", "pad@0.5", "random@0.5"]
+    ratios = dict(arms)
+    assert ratios["moe"] == 1.0 and ratios["pad@0.5"] == pytest.approx(0.5, abs=0.01)
+    assert ratios["random@0.5"] == pytest.approx(0.5, abs=0.01)
+    saved = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert len(saved["aggregate"]) == 4 and all(0 <= r["mean"] <= 1 for r in saved["aggregate"])
+    assert "| wnli | pad@0.5 | 0.5 |" in (tmp_path / "study" / "table.md").read_text()
+    png = (tmp_path / "study" / "metric_vs_ratio.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_study_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"each must be in \(0, 1\]"):
+        parse_study_args(["ratios=1.0,1.5"])
+    with pytest.raises(ConfigError, match="study settings"):
+        parse_study_args(["seeds=one"])
