@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _env  # noqa: F401
+from ..comm import free_port, rank, world_size  # noqa: F401  (re-exported for the engine)
 
 
 def accelerator_is_cpu() -> bool:
@@ -58,19 +59,3 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     backend = backend or ("gloo" if accelerator_is_cpu() else "nccl")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

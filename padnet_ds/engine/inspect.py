@@ -47,6 +47,9 @@ def inspect_checkpoint(path: str) -> Dict[str, Any]:
                     experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
     moe_cfg = cfg.get("moe", {})
     lambda_mode = moe_cfg.get("lambda_mode", "both")
+    vision = (cfg.get("extra") or {}).get("vision") or {}
+    # conv=dynamic (plain DY-Conv baseline) builds its layers with lambda_mode "none" whatever the config says.
+    conv_mode = "none" if vision.get("conv") == "dynamic" else vision.get("lambda_mode", "both")
     units: List[Dict[str, Any]] = []
     for key in sorted(module):
         if not key.endswith(".static_weight"):
@@ -59,17 +62,16 @@ def inspect_checkpoint(path: str) -> Dict[str, Any]:
             factors = len(layer_experts)
             masks = [module[f"{prefix}.mask"]] if f"{prefix}.mask" in module else [
                 e[f"{path}.mask"] for e in layer_experts.values() for path in [unit_path(e, unit_name)]]
-            kind, layer = "moe", moe_prefix
+            kind, layer, mode = "moe", moe_prefix, lambda_mode
         else:
             layer = prefix.rpartition(".")[0]
             kernels = module.get(f"{layer}.weight")
             factors = int(kernels.shape[0]) if kernels is not None and kernels.ndim == 5 else 1
             masks = [module[f"{prefix}.mask"]]
-            kind = "dyconv"
-            lambda_mode = cfg.get("extra", {}).get("vision", {}).get("lambda_mode", lambda_mode)
+            kind, mode = "dyconv", conv_mode
         ratio = float(sum(m.float().sum() for m in masks) / sum(m.numel() for m in masks))
-        lam_d, lam_s = lambda_pair(lambda_mode, module[f"{prefix}.phi"].float().view(()))
-        counts = pad_counts(p, factors, ratio, lambda_mode != "prune")
+        lam_d, lam_s = lambda_pair(mode, module[f"{prefix}.phi"].float().view(()))
+        counts = pad_counts(p, factors, ratio, mode != "prune")
         units.append(dict(name=prefix, kind=kind, layer=layer, factors=factors, shape=list(module[key].shape),
                           dynamic_ratio=ratio, lambda_d=float(lam_d), lambda_s=float(lam_s),
                           params_fully_dynamic=counts["fully_dynamic"], params_pad=counts["pad"],
@@ -77,11 +79,13 @@ def inspect_checkpoint(path: str) -> Dict[str, Any]:
     full = sum(u["params_fully_dynamic"] for u in units)
     pad = sum(u["params_pad"] for u in units)
     dyn = sum(u["dynamic_ratio"] * u["mask_bits"] for u in units)
+    moe_layers = sorted({u["layer"] for u in units if u["kind"] == "moe"})
     return {
         "checkpoint": str(tag_dir),
-        "ep_size": moe_cfg.get("ep_size"),
-        "num_experts": moe_cfg.get("num_experts"),
-        "moe_layers": sorted({u["layer"] for u in units if u["kind"] == "moe"}),
+        # A vision run's config still has the (unused) moe section's defaults: report them only with MoE layers.
+        "ep_size": moe_cfg.get("ep_size") if moe_layers else None,
+        "num_experts": moe_cfg.get("num_experts") if moe_layers else None,
+        "moe_layers": moe_layers,
         "dyconv_layers": sorted({u["layer"] for u in units if u["kind"] == "dyconv"}),
         "units": units,
         "dynamic_ratio": dyn / max(1, sum(u["mask_bits"] for u in units)),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,3 @@ def heatmap(matrix: np.ndarray, cell: int = 16) -> np.ndarray:
     low, high = np.array([30, 30, 120], np.float32), np.array([250, 230, 40], np.float32)
     rgb = (low + scale[..., None] * (high - low)).astype(np.uint8)
     return np.kron(rgb, np.ones((cell, cell, 1), np.uint8))
-
-
-def optional_float(x: Optional[torch.Tensor]) -> float:
-    return float(x) if x is not None else float("nan")

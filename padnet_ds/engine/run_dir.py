@@ -34,8 +34,17 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return (self.checkpoints / "latest").is_file()
 
-    def prepare(self, cfg: RunConfig, is_writer: bool) -> None:
-        """Check the folder against ``cfg.resume``; every rank checks, rank 0 writes."""
+    def prepare(self, cfg: RunConfig, is_writer: bool, barrier=lambda: None) -> None:
+        """Check the folder against ``cfg.resume`` on every rank, then (after ``barrier``) rank 0 writes.
+
+        The barrier matters: a rank that checks after rank 0 wrote config.yaml would see "a run".
+        """
+        self.check(cfg)
+        barrier()
+        if is_writer:
+            self.create(cfg)
+
+    def check(self, cfg: RunConfig) -> None:
         if cfg.resume:
             if not self.has_checkpoint():
                 raise ConfigError(f"resume=true but {self.checkpoints} has no checkpoint (no 'latest' file): "
@@ -44,11 +53,12 @@ class RunDir:
         elif self.holds_run():
             raise ConfigError(f"output_dir {self.root} already holds a run ({self._evidence()}): pass resume=true "
                               "to continue it, or choose another output_dir; nothing was changed")
-        if is_writer:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.checkpoints.mkdir(exist_ok=True)
-            if not cfg.resume:
-                atomic_write(self.config_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def create(self, cfg: RunConfig) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        if not cfg.resume:
+            atomic_write(self.config_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def _evidence(self) -> str:
         found = [p.name for p in (self.config_file, self.summary_file) if p.exists()]

@@ -35,7 +35,9 @@ class Task:
             return batch
         import torch.distributed as dist
 
-        length = torch.tensor(batch["input_ids"].shape[1])
+        from ..comm import comm_device
+
+        length = torch.tensor(batch["input_ids"].shape[1], device=comm_device())
         if dist.is_initialized():
             dist.all_reduce(length, op=dist.ReduceOp.MAX)
         extra = int(length) - batch["input_ids"].shape[1]
@@ -87,7 +89,8 @@ def text_task(cfg: RunConfig) -> Task:
 
     spec, train, evals = load_text_task(cfg.data)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
-    model = build_classifier(cfg.model.name, spec.num_labels, spec.is_regression, None if cfg.model.dense else cfg.moe,
+    moe = None if cfg.model.dense else cfg.moe
+    model = build_classifier(cfg.model.name, spec.num_labels, spec.is_regression, moe,
                              random_init_config=cfg.model.random_init)
     length = cfg.model.max_length
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -103,7 +106,14 @@ def text_task(cfg: RunConfig) -> Task:
                       "eval_rows": len(evals), "label_names": list(spec.label_names)})
 
 
-TASKS: Dict[str, Callable[[RunConfig], Task]] = {"text": text_task}
+def image_task(cfg: RunConfig) -> Task:
+    """PAD DY-Conv ResNets on images (``engine/vision.py``, imported on demand); settings in ``extra.vision``."""
+    from .vision import image_task as build_image_task
+
+    return build_image_task(cfg)
+
+
+TASKS: Dict[str, Callable[[RunConfig], Task]] = {"text": text_task, "image": image_task}
 
 
 def register_task(name: str, factory: Callable[[RunConfig], Task]) -> None:

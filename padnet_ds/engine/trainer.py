@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint
 from .config import RunConfig, to_dict
+from ..comm import comm_device
 from .distributed import init_distributed, rank, world_size
 from .monitor import Monitor
 from .run_dir import RunDir
@@ -86,19 +87,25 @@ def pad_stats(module) -> Dict[str, float]:
     return out
 
 
-def global_expert_loads(module) -> Dict[str, torch.Tensor]:
+def local_expert_loads(module) -> Dict[str, torch.Tensor]:
+    """Tokens this rank routed to each global expert in the last forward, per MoE layer."""
     from ..moe.layer import pad_moe_layers
 
-    loads = {}
-    for name, layer in pad_moe_layers(module).items():
-        counts = getattr(layer.deepspeed_moe, "exp_counts", None)
-        if counts is None:
-            continue
-        counts = torch.as_tensor(counts).detach().to(torch.float64).cpu()
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        loads[name] = counts
-    return loads
+    return {name: torch.as_tensor(layer.deepspeed_moe.exp_counts).detach().to(torch.float64).cpu()
+            for name, layer in pad_moe_layers(module).items()
+            if getattr(layer.deepspeed_moe, "exp_counts", None) is not None}
+
+
+def sum_over_ranks(loads: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    if not dist.is_initialized() or not loads:
+        return loads
+    flat = torch.cat([t.reshape(-1) for t in loads.values()]).to(comm_device())
+    dist.all_reduce(flat)
+    out, at = {}, 0
+    for name, t in loads.items():
+        out[name] = flat[at:at + t.numel()].cpu().view(t.shape)
+        at += t.numel()
+    return out
 
 
 def moe_aux(module) -> Optional[torch.Tensor]:
@@ -112,7 +119,7 @@ def moe_aux(module) -> Optional[torch.Tensor]:
 def mean_over_ranks(values: Dict[str, float]) -> Dict[str, float]:
     if not dist.is_initialized() or not values:
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return {k: float(v) / world_size() for k, v in zip(values, t)}
 
@@ -122,9 +129,9 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
 
     init_distributed()
     run_dir = RunDir(cfg.output_dir)
-    run_dir.prepare(cfg, is_writer=rank() == 0)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    run_dir.prepare(cfg, is_writer=rank() == 0, barrier=barrier)
+    barrier()
     seed_everything(cfg.seed)  # identical model init on every rank
     task = build_task(cfg)
     model = task.model
@@ -165,6 +172,7 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
 
     progress = make_progress(total, loop["step"])
     window: Dict[str, float] = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0}
+    window_loads: Dict[str, torch.Tensor] = {}
     last_eval: Dict[str, float] = {}
     t0 = time.perf_counter()
     step = loop["step"]
@@ -190,6 +198,8 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
             window["loss"] += float(loss.detach())
             window["aux"] += float(aux.detach()) if aux is not None else 0.0
             window["n"] += 1
+            for name, counts in local_expert_loads(module).items():
+                window_loads[name] = window_loads.get(name, 0) + counts
             loop["batch_in_epoch"] = i + 1
             if micro != cfg.train.grad_accum - 1:
                 continue
@@ -208,8 +218,9 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
                            "train/lr": engine.get_lr()[0], "perf/tokens_per_s": stats["tokens_per_s"]}
                 scalars.update(pad_stats(module))
                 monitor.scalars(scalars, step)
-                loads = global_expert_loads(module)
+                loads = sum_over_ranks(window_loads)
                 monitor.expert_load(list(loads.values()), list(loads), step)
+                window_loads = {}
                 loop["history"].append({"step": step, "loss": stats["loss"], "l_aux": stats["l_aux"],
                                         "tokens_per_s": stats["tokens_per_s"]})
                 progress.update(step, stats["loss"])

@@ -38,8 +38,8 @@ class PADExpertLinear(nn.Module):
         unit: Optional[PADUnit] = self.__dict__["unit"]
         if unit is None:
             raise RuntimeError("PADExpertLinear is not bound to a PAD unit: build it through padnet_ds.PADMoE")
-        static, mdyn = unit.shared_terms() if self.mask is None else unit.terms(self.mask, self)
-        return composed_linear(x, self.weight, self.bias, static, mdyn)
+        terms = unit.shared_linear_terms() if self.mask is None else unit.linear_terms(self.mask, self)
+        return composed_linear(x, self.weight, self.bias, *terms)
 
     def set_mask(self, mask: Tensor) -> None:
         if self.mask is None:

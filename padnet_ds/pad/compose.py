@@ -38,38 +38,57 @@ def check_lambda_mode(mode: str) -> str:
 
 
 class ComposedLinear(torch.autograd.Function):
-    """``y = x @ (S + Md * W).T + b`` without saving the composed weight for backward."""
+    """``y = x @ (S + Md * W).T + b`` without saving the composed weight for backward.
+
+    ``lam_d`` (optional 0-d tensor) is the scalar inside a *detached* ``Md = lam_d * M``: its
+    gradient ``sum(dL/dW_eff * M * W)`` is then a dot product per expert instead of a
+    weight-sized ``dL/dMd`` that autograd would add up over experts. The partitioner needs
+    that full ``dL/dMd`` (it carries ``dL/dM``), so while it scores, ``Md`` keeps its graph and
+    ``lam_d`` is None.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], static: Tensor, mdyn: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], static: Tensor, mdyn: Tensor,
+                lam_d: Optional[Tensor] = None) -> Tensor:
         composed = torch.addcmul(static, mdyn, weight)
-        ctx.save_for_backward(x, weight, static, mdyn)
+        ctx.save_for_backward(x, weight, static, mdyn, lam_d)
         ctx.has_bias = bias is not None
         return F.linear(x, composed, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, static, mdyn = ctx.saved_tensors
-        need_x, need_w, need_b, need_s, need_m = ctx.needs_input_grad
-        grad_x = grad_w = grad_b = grad_s = grad_m = None
+        x, weight, static, mdyn, lam_d = ctx.saved_tensors
+        need_x, need_w, need_b, need_s, need_m, need_lam = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = grad_s = grad_m = grad_lam = None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         if need_x:
             grad_x = grad_out.matmul(torch.addcmul(static, mdyn, weight))
-        if need_w or need_s or need_m:
+        if need_w or need_s or need_m or need_lam:
             grad_composed = g2.t().matmul(x.reshape(-1, x.shape[-1]))
-            if need_w:
+            if need_w or need_lam:
                 grad_w = grad_composed * mdyn
+            if need_lam:
+                # sum(G * M * W) = <G * Md, W> / lam_d; lam_d = 2 sigmoid(phi) > 0 (0 only if phi < -88)
+                grad_lam = _dot(grad_w, weight) / lam_d
+                grad_w = grad_w if need_w else None
             if need_m:
                 grad_m = grad_composed * weight
             if need_s:
                 grad_s = grad_composed
         if need_b and ctx.has_bias:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, grad_s, grad_m
+        return grad_x, grad_w, grad_b, grad_s, grad_m, grad_lam
 
 
-def composed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], static: Tensor, mdyn: Tensor) -> Tensor:
-    return ComposedLinear.apply(x, weight, bias, static, mdyn)
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    if a.dtype in (torch.float16, torch.bfloat16):
+        return (a.float() * b.float()).sum()
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def composed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], static: Tensor, mdyn: Tensor,
+                    lam_d: Optional[Tensor] = None) -> Tensor:
+    return ComposedLinear.apply(x, weight, bias, static, mdyn, lam_d)
 
 
 def lambda_pair(mode: str, phi: Tensor) -> Tuple[Tensor, Tensor]:
@@ -121,7 +140,7 @@ class PADUnit(nn.Module):
             self.register_buffer("mask", torch.ones(weight.shape, dtype=torch.bool, device=weight.device))
         # Set by the partitioner while it collects sensitivities: called with (mask owner, dL/dM).
         self.score_sink: Optional[ScoreSink] = None
-        self._shared_terms: Optional[Tuple[Tensor, Tensor]] = None
+        self._held: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
 
     @property
     def weight_shape(self) -> torch.Size:
@@ -153,26 +172,42 @@ class PADUnit(nn.Module):
         return view
 
     def terms(self, mask: Tensor, owner: nn.Module) -> Tuple[Tensor, Tensor]:
-        """(S, Md) for one mask: ``S = lambda_s (1-M) W_static`` and ``Md = lambda_d M``."""
+        """(S, Md) for one mask: ``S = lambda_s (1-M) W_static`` and ``Md = lambda_d M``, full autograd."""
         lam_d, lam_s = self.lambdas()
         m = self.mask_view(mask, owner)
         static = (1 - m) * self.static_weight * lam_s
         return static, lam_d * m
 
+    def linear_terms(self, mask: Tensor, owner: nn.Module) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(S, Md, lam_d) for :func:`composed_linear`: ``Md`` detached and ``lam_d`` returned when
+        only ``phi`` needs its gradient; ``(S, Md, None)`` with ``Md`` in the graph while scoring."""
+        if self.score_sink is not None and torch.is_grad_enabled():
+            return (*self.terms(mask, owner), None)
+        lam_d, lam_s = self.lambdas()
+        m = mask.to(self.static_weight.dtype)
+        static = (1 - m) * self.static_weight * lam_s
+        if not lam_d.requires_grad:
+            return static, lam_d * m, None
+        return static, lam_d.detach() * m, lam_d
+
     def shared_terms(self) -> Tuple[Tensor, Tensor]:
-        """The shared-mask terms, cached for the duration of one layer forward (see :meth:`hold`)."""
-        if self._shared_terms is not None:
-            return self._shared_terms
+        """(S, Md) of the shared mask, full autograd (DY-Conv composes with it)."""
         return self.terms(self.mask, self)
+
+    def shared_linear_terms(self) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The shared mask's :meth:`linear_terms`, cached for one layer forward (see :meth:`hold`)."""
+        if self._held is not None:
+            return self._held
+        return self.linear_terms(self.mask, self)
 
     def hold(self) -> None:
         """Compute the shared terms once, for every expert of the forward that follows."""
         if self.shared_mask:
-            self._shared_terms = self.terms(self.mask, self)
+            self._held = self.linear_terms(self.mask, self)
 
     def release(self) -> None:
         # Dropped after every forward so an edited mask or reloaded weight is never served stale.
-        self._shared_terms = None
+        self._held = None
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, shape={tuple(self.weight_shape)}, lambda_mode={self.lambda_mode!r}, " \

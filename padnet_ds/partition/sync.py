@@ -22,25 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..comm import comm_device, dist_on, rank, world_size as world  # noqa: F401
 from .sites import Site
-
-
-def dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world() -> int:
-    return dist.get_world_size() if dist_on() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist_on() else 0
-
-
-def comm_device() -> torch.device:
-    if dist_on() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def group_size(group) -> int:

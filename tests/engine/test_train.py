@@ -95,8 +95,8 @@ def train_in_ranks(args):
 
 
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path, shared_dir):
-    common = [*TINY, *glue(shared_dir, "MRPC", 192), "train.steps=12", "train.checkpoint_every=0",
-              "train.eval_every=0"]
+    common = [*TINY, *glue(shared_dir, "MRPC", 384), "train.steps=12", "train.checkpoint_every=0",
+              "train.eval_every=0", "train.grad_accum=2"]
     full, _ = run_ranks(train_in_ranks, 2, [f"output_dir={tmp_path}/full", *common])
     first, _ = run_ranks(train_in_ranks, 2, [f"output_dir={tmp_path}/cut", *common, "train.stop_at=5"])
     assert first["steps"] == 5 and len(first["partition_log"]) == 0

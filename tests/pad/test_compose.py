@@ -15,7 +15,8 @@ def reference(x, w_dyn, bias, w_static, mask, lam_d, lam_s, prune=False):
 
 @pytest.mark.parametrize("mode", LAMBDA_MODES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_composed_linear_matches_formula_forward_backward_and_mask_gradient(mode, with_bias):
+@pytest.mark.parametrize("scoring", [True, False])
+def test_composed_linear_matches_formula_forward_backward_and_mask_gradient(mode, with_bias, scoring):
     torch.manual_seed(0)
     out_f, in_f, experts = 6, 5, 3
     unit = PADUnit(torch.randn(out_f, in_f), lambda_mode=mode, name="fc")
@@ -27,10 +28,12 @@ def test_composed_linear_matches_formula_forward_backward_and_mask_gradient(mode
     b = [torch.randn(out_f, requires_grad=True) if with_bias else None for _ in range(experts)]
     xs = [torch.randn(4, 2, in_f, requires_grad=True) for _ in range(experts)]
     seen = []
-    unit.score_sink = lambda owner, g: seen.append((owner, g.clone()))
+    if scoring:
+        unit.score_sink = lambda owner, g: seen.append((owner, g.clone()))
     unit.hold()
-    static, mdyn = unit.shared_terms()
-    loss = sum((composed_linear(x, w, bb, static, mdyn) ** 2).sum() for x, w, bb in zip(xs, w_dyn, b))
+    terms = unit.shared_linear_terms()
+    assert (terms[2] is None) == (scoring or mode in ("s", "none", "prune"))  # lambda_d learned in both, d
+    loss = sum((composed_linear(x, w, bb, *terms) ** 2).sum() for x, w, bb in zip(xs, w_dyn, b))
     loss.backward()
     unit.release()
 
@@ -61,6 +64,9 @@ def test_composed_linear_matches_formula_forward_backward_and_mask_gradient(mode
         torch.testing.assert_close(unit.static_weight.grad, ref_static.grad)
     if isinstance(unit.phi, torch.nn.Parameter):
         torch.testing.assert_close(unit.phi.grad, ref_phi.grad)
+    if not scoring:
+        assert not seen
+        return
     assert len(seen) == 1 and seen[0][0] is unit, "the shared mask's sensitivity arrives once per backward"
     torch.testing.assert_close(seen[0][1], leaf_mask.grad)
     assert seen[0][1].abs().sum() > 0
@@ -81,11 +87,11 @@ def test_all_ones_mask_with_unit_lambdas_is_exactly_the_dynamic_weight_and_zeros
 def test_backward_does_not_keep_the_composed_weight():
     unit = PADUnit(torch.randn(64, 32))
     w = torch.randn(64, 32, requires_grad=True)
-    s, m = unit.terms(unit.mask, unit)
-    y = composed_linear(torch.randn(8, 32), w, None, s, m)
+    s, m, lam = unit.linear_terms(unit.mask, unit)
+    y = composed_linear(torch.randn(8, 32), w, None, s, m, lam)
     saved = {t.data_ptr() for t in y.grad_fn.saved_tensors}
-    # input, expert weight and the two shared terms: nothing composed per expert
-    assert len(y.grad_fn.saved_tensors) == 4
+    # input, expert weight, the two shared terms and lambda_d: nothing composed per expert
+    assert len(y.grad_fn.saved_tensors) == 5 and lam.numel() == 1
     assert w.data_ptr() in saved and s.data_ptr() in saved and m.data_ptr() in saved
 
 
