@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv train test test-all smoke study clean-venv
+.PHONY: venv train test test-all smoke study bench clean-venv
 
 venv: $(STAMP)
 
@@ -49,6 +49,10 @@ STUDY_OUT ?= runs/study-$(shell date +%Y%m%d-%H%M%S)
 study: $(STAMP)
 	$(LAUNCH) study configs/study.yaml tasks=$(TASKS) ratios=$(RATIOS) seeds=$(SEEDS) out=$(STUDY_OUT) \
 		data.glue_dir=$(GLUE_DIR) $(ARGS)
+
+# Speed and memory ratios, measured side by side in one run; writes bench-results.json (see bench/README.md).
+bench: $(STAMP)
+	$(PY) -m bench.run_all $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

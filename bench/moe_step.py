@@ -1,0 +1,256 @@
+"""Train-step time of PAD-MoE against DeepSpeed's stock (fully dynamic) MoE on identical shapes.
+
+    python -m bench.moe_step [--quick] [--shapes h256,h768] [--reps N] [--out bench/results/moe_step.json]
+
+2 gloo ranks (one thread each), ep_size 2, ZeRO 2, fp32, E=8, k=2, capacity factor 1.25,
+torch AdamW. Every variant is its own DeepSpeed engine built in the SAME two processes;
+steps are interleaved A B C A B C (rotating order) after warm-up and the median step is
+reported (a step = forward + backward + optimizer step, each timed; per step the slowest
+rank counts). Variants:
+
+  moe           deepspeed.moe.layer.MoE with a plain two-linear GELU FFN expert (the reference)
+  pad           PADMoE: dynamic ratio 0.5 random shared mask, phi = 0.3 (lambda_d != lambda_s),
+                experts perturbed away from the static weight (a realistic mid-training state)
+  pad_frozen    the same PAD model with the static weights frozen (requires_grad False): the
+                difference pad - pad_frozen is what the replicated static weights cost in
+                gradient computation, all-reduce and optimizer work
+  pad_fast      the same PAD model with the experimental (not packaged)
+                composition of bench/compose_experiment.py
+
+Plus, per rank and off the engines (no communication), interleaved with the steps:
+
+  compose_pad / compose_moe   forward+backward of the local experts on ZERO rows: what is left
+                is the composition itself (per-layer S / Md terms, one addcmul per expert in
+                forward and again in backward, the mask multiply of the expert gradient, the
+                static weight's and phi's gradients)
+  experts_pad / experts_moe   forward+backward of the local experts on the real dispatched buffer
+                (ep_size x capacity rows per local expert): the expert GEMMs with composition
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from . import common
+
+VARIANTS = ("moe", "pad", "pad_frozen", "pad_fast")
+
+
+def make_models(hidden: int, ffn: int, ep_size: int, *, seed: int = 0, ratio: float = 0.5, phi: float = 0.3,
+                perturb: float = 0.1, variants=VARIANTS, capacity_factor: float = 1.25, experts: int = 8, k: int = 2):
+    """{variant: nn.Module} with ``forward(x) -> (y, l_aux)``; PAD models share one seeded initialisation."""
+    import torch
+    from deepspeed.moe.layer import MoE
+    from torch import nn
+
+    from padnet_ds import PADMoE
+    from padnet_ds.moe.expert import FFNExpert
+    from padnet_ds.moe.upcycle import perturb_experts
+
+    class Net(nn.Module):
+
+        def __init__(self, moe):
+            super().__init__()
+            self.moe = moe
+
+        def forward(self, x):
+            y, aux, _ = self.moe(x)
+            return y, aux
+
+    kw = dict(num_experts=experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
+              eval_capacity_factor=capacity_factor)
+    out = {}
+    for name in variants:
+        torch.manual_seed(seed)
+        fc1, fc2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+        if name == "moe":
+            out[name] = Net(MoE(hidden, FFNExpert(fc1, fc2, nn.GELU()), **kw))
+            continue
+        mask_ratio = 1.0 if name == "pad_ones" else ratio
+        layer = PADMoE.from_dense(fc1, fc2, nn.GELU(), **kw)
+        perturb_experts(layer, perturb, seed=seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for unit in layer.pad_linears():
+                unit.mask.copy_(torch.rand(unit.mask.shape, generator=gen) < mask_ratio)
+                if isinstance(unit.phi, nn.Parameter):
+                    unit.phi.fill_(phi)
+                if name == "pad_frozen":
+                    unit.static_weight.requires_grad_(False)
+        if name == "pad_fast":  # the experimental composition of bench/compose_experiment.py
+            from .compose_experiment import patch_layer
+
+            patch_layer(layer)
+        out[name] = Net(layer)
+    return out
+
+
+def ds_config(micro: int, stage: int = 2, overlap_comm: bool = False) -> Dict[str, Any]:
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage, "overlap_comm": overlap_comm},
+            "steps_per_print": 10**9, "zero_allow_untested_optimizer": True, "wall_clock_breakdown": False}
+
+
+def adamw(params):
+    import torch
+
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+def train_step(engine, x, barrier: bool = True) -> Dict[str, float]:
+    import time
+
+    import torch
+
+    if barrier and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    t0 = time.perf_counter()
+    y, aux = engine(x)
+    loss = y.float().pow(2).mean() + 0.01 * aux
+    t1 = time.perf_counter()
+    engine.backward(loss)
+    t2 = time.perf_counter()
+    engine.step()
+    t3 = time.perf_counter()
+    return dict(fwd=t1 - t0, bwd=t2 - t1, step=t3 - t2, total=t3 - t0)
+
+
+def experts_pass(layer, rows: int, hidden: int, ep_size: int):
+    """A closure running forward+backward of ``layer``'s local experts on ``rows`` rows each."""
+    import torch
+
+    from padnet_ds import PADMoE
+
+    nle = layer.num_local_experts
+    x = torch.randn(ep_size, nle, rows // ep_size, hidden, requires_grad=True)
+    g = torch.randn(ep_size, nle, rows // ep_size, hidden)
+    experts = layer.deepspeed_moe.experts
+
+    def run():
+        for p in layer.parameters():
+            p.grad = None
+        x.grad = None
+        if isinstance(layer, PADMoE):
+            with layer._composition():
+                y = experts(x)
+        else:
+            y = experts(x)
+        y.backward(g)
+
+    return run
+
+
+def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    import gc
+
+    import torch
+
+    common.quiet_deepspeed()
+    from padnet_ds.engine.setup import build_engine
+
+    rank = torch.distributed.get_rank()
+    results = {}
+    for shape_name in cfg["shapes"]:
+        shape = common.SHAPES[shape_name]
+        h, f = shape["hidden"], shape["ffn"]
+        models = make_models(h, f, common.MOE["ep_size"], variants=cfg["variants"])
+        engines = {n: build_engine(m, ds_config(shape["batch"], overlap_comm=cfg["overlap_comm"]), optimizer=adamw)
+                   for n, m in models.items()}
+        gen = torch.Generator().manual_seed(100 + rank)
+        x = torch.randn(shape["batch"], shape["seq"], h, generator=gen).requires_grad_(True)
+        rows = common.rows_per_local_expert(shape)
+        # Off-engine copies (ep_size 2 layout: 4 local experts) for the composition and expert-GEMM timings.
+        local = make_models(h, f, common.MOE["ep_size"], variants=("moe", "pad"), seed=1)
+        steps = {n: (lambda e=e: train_step(e, x)) for n, e in engines.items()}
+        extras = {"compose_pad": experts_pass(local["pad"].moe, 0, h, 2),
+                  "compose_moe": experts_pass(local["moe"].moe, 0, h, 2),
+                  "experts_pad": experts_pass(local["pad"].moe, rows, h, 2),
+                  "experts_moe": experts_pass(local["moe"].moe, rows, h, 2)}
+
+        def clock(fn):
+            if fn in extras.values():
+                return common.timed(fn)
+            return fn()
+
+        samples = common.interleave({**steps, **extras}, cfg["warmup"], cfg["reps"], clock=clock)
+        results[shape_name] = dict(samples=samples, rows_per_local_expert=rows,
+                                   static_params=sum(u.static_weight.numel() for u in models["pad"].moe.pad_linears()),
+                                   local_expert_params=sum(p.numel() for p in
+                                                           models["pad"].moe.deepspeed_moe.experts.parameters()))
+        del engines, models, local, steps, extras
+        gc.collect()
+    return results
+
+
+def analyse(per_rank: List[Dict[str, Any]], variants) -> Dict[str, Any]:
+    out = {}
+    for shape_name in per_rank[0]:
+        ranks = [r[shape_name]["samples"] for r in per_rank]
+        med: Dict[str, Dict[str, float]] = {}
+        for v in variants:
+            # One step = the slowest rank in each phase (the ranks meet at every collective).
+            steps = [{ph: max(r[v][i][ph] for r in ranks) for ph in ranks[0][v][i]} for i in range(len(ranks[0][v]))]
+            med[v] = common.phase_medians(steps)
+        extra = {k: common.median(max(r[k][i] for r in ranks) for i in range(len(ranks[0][k])))
+                 for k in ranks[0] if k not in variants}
+        base = med["moe"]["total"]
+        res = dict(median_s=med, per_rank_ops_median_s=extra,
+                   rows_per_local_expert=per_rank[0][shape_name]["rows_per_local_expert"],
+                   step_ratio=med["pad"]["total"] / base)
+        share = dict(
+            composition=(extra["compose_pad"] - extra["compose_moe"]) / base,
+            expert_compute_with_composition=(extra["experts_pad"] - extra["experts_moe"]) / base,
+            optimizer_step=(med["pad"]["step"] - med["moe"]["step"]) / base,
+            forward=(med["pad"]["fwd"] - med["moe"]["fwd"]) / base,
+            backward_incl_grad_reduce=(med["pad"]["bwd"] - med["moe"]["bwd"]) / base,
+        )
+        if "pad_frozen" in med:
+            share["static_weights"] = (med["pad"]["total"] - med["pad_frozen"]["total"]) / base
+            res["step_ratio_static_frozen"] = med["pad_frozen"]["total"] / base
+        if "pad_fast" in med:
+            res["step_ratio_pad_fast"] = med["pad_fast"]["total"] / base
+        res["overhead_share_of_moe_step"] = share
+        out[shape_name] = res
+    return out
+
+
+def main(argv=None) -> Dict[str, Any]:
+    common.setup_env()
+    ap = common.parser(__doc__, "moe_step")
+    ap.add_argument("--shapes", default=None, help="comma list of " + ",".join(common.SHAPES) + " (quick: h256)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--overlap-comm", action="store_true", help="ZeRO overlap_comm (default off, DeepSpeed's default)")
+    args = ap.parse_args(argv)
+    shapes = (args.shapes or ("h256" if args.quick else "h256,h768")).split(",")
+    variants = tuple(args.variants.split(","))
+    assert "moe" in variants and "pad" in variants, "variants must include moe and pad"
+    cfg = dict(shapes=shapes, variants=variants, warmup=common.warmup(args, 3, 1), reps=common.reps(args, 15, 3),
+               overlap_comm=args.overlap_comm)
+    per_rank = common.spawn(_rank, 2, cfg)
+    res = analyse(per_rank, variants)
+    print(f"train step, 2 gloo ranks x 1 thread, ep_size 2, ZeRO 2, fp32, E=8, k=2, cf 1.25, AdamW; "
+          f"median of {cfg['reps']} interleaved steps after {cfg['warmup']} warm-up")
+    for s, r in res.items():
+        shape = common.SHAPES[s]
+        print(f"\n[{s}] hidden {shape['hidden']} / FFN {shape['ffn']}, {common.tokens(shape)} tokens per rank "
+              f"({shape['batch']}x{shape['seq']}), {r['rows_per_local_expert']} rows per local expert")
+        rows = [[v, m["total"] * 1e3, m["fwd"] * 1e3, m["bwd"] * 1e3, m["step"] * 1e3, m["total"] / r["median_s"]["moe"]["total"]]
+                for v, m in r["median_s"].items()]
+        print(common.table(["variant", "step ms", "fwd ms", "bwd ms", "opt ms", "vs moe"], rows))
+        print(common.table(["per-rank op", "ms"], [[k, v * 1e3] for k, v in r["per_rank_ops_median_s"].items()]))
+        print(common.table(["PAD overhead, share of the moe step", "fraction"],
+                           [[k, v] for k, v in r["overhead_share_of_moe_step"].items()]))
+    first = shapes[0]
+    result = dict(config=cfg, shapes={s: dict(common.SHAPES[s], tokens_per_rank=common.tokens(common.SHAPES[s]),
+                                              **{k: v for k, v in common.MOE.items()}) for s in shapes},
+                  machine=common.machine(), quick=args.quick, results=res,
+                  step_ratio_vs_deepspeed_moe=res[first]["step_ratio"],
+                  step_ratio_per_shape={s: r["step_ratio"] for s, r in res.items()},
+                  step_ratio_pad_fast_per_shape={s: r.get("step_ratio_pad_fast") for s, r in res.items()},
+                  goal="pad / moe <= 1.05")
+    out = common.write_json(args.out, result)
+    print("\n" + ", ".join(f"{s}: pad/moe = {r['step_ratio']:.3f}" for s, r in res.items()) + f" (goal <= 1.05); wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Each benchmark's ``--quick`` mode runs and writes its JSON keys as finite numbers (no timing asserts).
+
+The single-process benchmarks run in the default suite; the ones that spawn gloo ranks (or run
+everything) take a minute or more each on a 2-core machine and are marked ``slow``.
+"""
+import json
+import math
+import sys
+
+import pytest
+
+from bench.common import finite
+
+
+def _load(path):
+    return json.loads(path.read_text())
+
+
+def _check(data, *keys):
+    for key in keys:
+        assert key in data, f"missing key {key}"
+        assert finite(data[key]), f"{key}={data[key]!r} is not a finite number"
+    assert data["quick"] is True
+
+
+def test_gemm_quick(tmp_path):
+    from bench import gemm
+
+    out = tmp_path / "gemm.json"
+    gemm.main(["--quick", "--reps", "1", "--warmup", "0", "--out", str(out)])
+    data = _load(out)
+    _check(data, "gemm_efficiency")
+    assert 0 < data["gemm_efficiency"] < 10
+
+
+def test_authors_layer_quick(tmp_path):
+    from bench import authors_layer
+
+    out = tmp_path / "authors.json"
+    authors_layer.main(["--quick", "--reps", "1", "--warmup", "0", "--out", str(out)])
+    _check(_load(out), "layer_ratio_vs_authors")
+
+
+def test_authors_layer_reimplementation_routes_every_token_to_k_experts():
+    import torch
+
+    from bench.authors_layer import AuthorsPadMoE
+
+    layer = AuthorsPadMoE(16, 32, experts=4, k=2)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y, aux = layer(x)
+    assert y.shape == x.shape and torch.isfinite(aux)
+    gates, _ = layer.gating(x.reshape(-1, 16))
+    assert torch.equal((gates > 0).sum(1), torch.full((15,), 2))
+    (y.pow(2).mean() + aux).backward()
+    assert layer.w1.grad is not None and layer.static1.grad is not None and layer.phi1.grad is not None
+
+
+@pytest.mark.slow
+def test_moe_step_quick(tmp_path):
+    from bench import moe_step
+
+    out = tmp_path / "moe_step.json"
+    moe_step.main(["--quick", "--reps", "1", "--warmup", "1", "--out", str(out)])
+    data = _load(out)
+    _check(data, "step_ratio_vs_deepspeed_moe")
+    for share in data["results"]["h256"]["overhead_share_of_moe_step"].values():
+        assert finite(share)
+
+
+@pytest.mark.slow
+def test_memory_quick(tmp_path):
+    from bench import memory
+
+    out = tmp_path / "memory.json"
+    memory.main(["--quick", "--out", str(out)])
+    data = _load(out)
+    _check(data, "memory_ratio_r05", "memory_ratio_r03", "deployment_ratio_r05", "activation_ratio_r05")
+    assert data["memory_ratio_r05"] >= 1.0 and data["deployment_ratio_r05"] < 1.0
+
+
+@pytest.mark.slow
+def test_scaling_quick(tmp_path):
+    from bench import scaling
+
+    out = tmp_path / "scaling.json"
+    scaling.main(["--quick", "--reps", "1", "--warmup", "1", "--out", str(out)])
+    _check(_load(out), "weak_scaling")
+
+
+@pytest.mark.slow
+def test_run_all_quick(tmp_path):
+    from bench import run_all
+
+    out = tmp_path / "bench-results.json"
+    summary = run_all.main(["--quick", "--out", str(out), "--results-dir", str(tmp_path / "results")])
+    data = _load(out)
+    assert data == json.loads(json.dumps(summary, default=str))
+    keys = ["step_ratio_vs_deepspeed_moe", "layer_ratio_vs_authors", "memory_ratio_r05", "memory_ratio_r03",
+            "gemm_efficiency", "weak_scaling", "dyconv_ratio"]
+    for key in keys:
+        assert finite(data[key]), f"{key}={data[key]!r}"
+    assert "partitioner_overhead" in data and "shapes" in data and data["machine"]["cpus"] and data["quick"] is True
