@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv train test test-all smoke study bench clean-venv
+.PHONY: venv train test test-all smoke study bench clean-venv system-deps docker-deps docker-lint docker-build docker-test
 
 venv: $(STAMP)
 
@@ -57,8 +57,30 @@ bench: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) system-deps
 	$(PY) -m pytest -q -m "" $(ARGS)
+
+# System packages: Open MPI (mpirun + mpi4py's libmpi) and pdsh for the launcher tests (Debian/Ubuntu, root or
+# sudo; a no-op when installed). CI calls it before `make test`.
+system-deps:
+	scripts/install-system-deps.sh
+
+# podman + runc + debootstrap for the image targets.
+docker-deps:
+	scripts/install-system-deps.sh docker
+
+docker-lint:
+	docker/lint.sh
+
+# The CPU image padnet-ds:cpu (DOCKER_VARIANT=cuda: padnet-ds:cuda on nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04).
+# Makes the python:3.11-slim base locally with debootstrap when no registry is reachable (cached).
+DOCKER_VARIANT ?= cpu
+docker-build: docker-deps
+	docker/build.sh --variant $(DOCKER_VARIANT)
+
+# Lint + build + 2-rank smoke training inside the image as the non-root user (not part of `make test`).
+docker-test: docker-deps
+	docker/test.sh
 
 clean-venv:
 	rm -rf $(VENV)
