@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from ..conv.dyconv import PADDynamicConv2d, set_temperature, temperature_at, total_param_counts
 from .config import ConfigError, RunConfig, build
@@ -62,7 +62,7 @@ class VisionConfig:
     max_train_images: Optional[int] = None  # keep the first N training images (after the split)
     max_test_images: Optional[int] = None
     normalize: bool = True  # subtract / divide by the training set's per-channel mean / std
-    augment: bool = False  # training images only: random shifts (and flips when augment_flip)
+    augment: bool = False  # training forwards only: random shifts (and flips when augment_flip)
     augment_shift: int = 2  # pixels, each direction (zero padding)
     augment_flip: bool = False  # random horizontal flips (not for digits)
     # -- model ---------------------------------------------------------------------------------
@@ -162,28 +162,20 @@ def load_data(v: VisionConfig):
     return data
 
 
-class ShiftFlip(Dataset):
-    """Training images with random shifts (zero padding) and optional horizontal flips.
+def shift_flip(x: Tensor, shift: int, flip: bool) -> Tensor:
+    """Random shifts by up to ``shift`` pixels (zero padding) and optional horizontal flips, per image.
 
-    Draws from torch's global generator in the loader's process (``num_workers=0``), which
-    the loop seeds and checkpoints per rank, so a resumed run draws the same augmentations.
+    Drawn from torch's global generator inside the training forward, which the loop seeds and
+    checkpoints per rank; batches a resumed run skips are never forwarded, so it draws the same.
     """
-
-    def __init__(self, base: TensorDataset, shift: int, flip: bool) -> None:
-        self.base, self.shift, self.flip = base, shift, flip
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> Tuple[Tensor, Tensor]:
-        x, y = self.base[i]
-        s = self.shift
-        if s > 0:
-            dy, dx = (int(d) for d in torch.randint(0, 2 * s + 1, (2,)))
-            x = F.pad(x, (s, s, s, s))[:, dy: dy + x.shape[1], dx: dx + x.shape[2]]
-        if self.flip and bool(torch.rand(()) < 0.5):
-            x = x.flip(-1)
-        return x, y
+    if shift > 0:
+        b, _, h, w = x.shape
+        padded = F.pad(x, (shift, shift, shift, shift))
+        offsets = torch.randint(0, 2 * shift + 1, (b, 2)).tolist()
+        x = torch.stack([padded[i, :, dy: dy + h, dx: dx + w] for i, (dy, dx) in enumerate(offsets)])
+    if flip:
+        x = torch.where((torch.rand(x.shape[0]) < 0.5).to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    return x
 
 
 def collate_images(items: List[Tuple[Tensor, Tensor]]) -> Dict[str, Tensor]:
@@ -202,14 +194,16 @@ class ImageClassifier(nn.Module):
     """``forward(pixel_values, labels=None)`` -> ``.loss`` (cross entropy) and ``.logits`` around a ResNet."""
 
     def __init__(self, resnet: nn.Module, mean: Tensor, std: Tensor, temperature: float,
-                 sync_bn_stats: bool = True) -> None:
+                 sync_bn_stats: bool = True, augment_shift: int = 0, augment_flip: bool = False) -> None:
         super().__init__()
         self.resnet = resnet
+        self.augment_shift, self.augment_flip = augment_shift, augment_flip  # training forwards only
         self.register_buffer("pixel_mean", mean.reshape(1, -1, 1, 1).clone())
         self.register_buffer("pixel_std", std.reshape(1, -1, 1, 1).clone())
         # Checkpointed mirror of the DY-Conv temperature (a plain float on each layer).
         self.register_buffer("temperature", torch.tensor([float(temperature)]))
         self.sync_bn_stats = sync_bn_stats
+        self._bn_dtype = torch.float32
         self.set_temperature(temperature)
 
     def set_temperature(self, tau: float) -> int:
@@ -222,12 +216,28 @@ class ImageClassifier(nn.Module):
             set_temperature(self.resnet, float(self.temperature))
 
     def forward(self, pixel_values: Tensor, labels: Optional[Tensor] = None) -> ClassifierOutput:
-        x = pixel_values.to(self.pixel_mean.dtype)  # bf16/fp16 engines cast the module, not the batch
-        logits = self.resnet((x - self.pixel_mean) / self.pixel_std)
+        x = (pixel_values.float() - self.pixel_mean.float()) / self.pixel_std.float()
+        if self.training and (self.augment_shift or self.augment_flip):
+            x = shift_flip(x, self.augment_shift, self.augment_flip)
+        # bf16/fp16 engines cast the parameters, not the batch, nor (DeepSpeed) BatchNorm's buffers
+        dtype = self.resnet.fc.weight.dtype
+        if dtype != self._bn_dtype:
+            match_bn_buffers(self.resnet, dtype)
+            self._bn_dtype = dtype
+        logits = self.resnet(x.to(dtype))
         if self.training and self.sync_bn_stats:
             average_bn_stats(self.resnet)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return ClassifierOutput(loss, logits)
+
+
+def match_bn_buffers(module: nn.Module, dtype: torch.dtype) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for name in ("running_mean", "running_var"):
+                buf = getattr(m, name)
+                if buf is not None and buf.dtype != dtype:
+                    setattr(m, name, buf.to(dtype))
 
 
 def average_bn_stats(module: nn.Module) -> None:
@@ -284,7 +294,8 @@ def build_model(v: VisionConfig, data) -> ImageClassifier:
     else:
         mean, std = torch.zeros(data.in_channels), torch.ones(data.in_channels)
     tau = temperature_at(0.0, v.temperature_start, v.temperature_end, v.anneal_epochs)
-    return ImageClassifier(resnet, mean, std, tau, v.sync_bn_stats)
+    return ImageClassifier(resnet, mean, std, tau, v.sync_bn_stats, v.augment_shift if v.augment else 0,
+                           v.augment and v.augment_flip)
 
 
 def image_task(cfg: RunConfig) -> Task:
@@ -294,10 +305,9 @@ def image_task(cfg: RunConfig) -> Task:
     data = load_data(v)
     model = build_model(v, data)
     spec = SimpleNamespace(name=f"image/{v.dataset}", metrics=("accuracy",), is_regression=False)
-    train_set = ShiftFlip(data.train, v.augment_shift, v.augment_flip) if v.augment else data.train
     labels = data.train.tensors[1]
     counts = total_param_counts(model)
-    return Task(model=model, train_set=train_set, eval_set=data.test, collate=collate_images,
+    return Task(model=model, train_set=data.train, eval_set=data.test, collate=collate_images,
                 metrics=lambda preds, gold: compute_metrics(spec, preds, gold),
                 main_metric="accuracy", is_regression=False, pad_id=None,
                 info={"task": spec.name, "num_labels": data.num_classes, "train_rows": len(data.train),
