@@ -56,9 +56,10 @@ class Task:
         logits = out.logits if hasattr(out, "logits") else out
         return logits.squeeze(-1).float() if self.is_regression else logits.argmax(-1)
 
-    def tokens(self, batch: Dict[str, torch.Tensor]) -> int:
+    def tokens(self, batch: Dict[str, torch.Tensor]):
+        """Real (unpadded) tokens, or rows; a device tensor, so counting never syncs the GPU."""
         mask = batch.get("attention_mask")
-        return int(mask.sum()) if mask is not None else int(batch["labels"].numel())
+        return mask.sum() if mask is not None else batch["labels"].numel()
 
 
 def pad_to_length(items: List[Dict[str, Any]], length: int, pad_id: int) -> Dict[str, torch.Tensor]:

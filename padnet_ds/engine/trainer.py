@@ -6,6 +6,7 @@ Order of one optimizer step (every rank runs the same sequence, so collectives l
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -72,6 +73,29 @@ def optimizer_and_schedule(cfg: RunConfig, ds: Dict[str, Any], total_steps: int)
     return opt, lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class SkipSampler(torch.utils.data.Sampler):
+    """The rest of an epoch: ``sampler``'s order without its first ``skip`` indices.
+
+    Skipping at the index level (not by loading and dropping batches) keeps resume exact even
+    when a dataset or collate function draws random numbers.
+    """
+
+    def __init__(self, sampler, skip: int) -> None:
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+def resumed_loader(loader: DataLoader, batches_done: int) -> DataLoader:
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                      sampler=SkipSampler(loader.sampler, batches_done * loader.batch_size), drop_last=True,
+                      generator=loader.generator)
+
+
 def pad_stats(module) -> Dict[str, float]:
     """Per PAD unit: lambda_d, lambda_s and dynamic ratio (for TensorBoard and the summary)."""
     from ..pad.compose import PADUnit
@@ -91,7 +115,7 @@ def local_expert_loads(module) -> Dict[str, torch.Tensor]:
     """Tokens this rank routed to each global expert in the last forward, per MoE layer."""
     from ..moe.layer import pad_moe_layers
 
-    return {name: torch.as_tensor(layer.deepspeed_moe.exp_counts).detach().to(torch.float64).cpu()
+    return {name: torch.as_tensor(layer.deepspeed_moe.exp_counts).detach().to(torch.float64)
             for name, layer in pad_moe_layers(module).items()
             if getattr(layer.deepspeed_moe, "exp_counts", None) is not None}
 
@@ -180,9 +204,8 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     finished = step >= total
     while not finished:
         sampler.set_epoch(loop["epoch"])
-        for i, batch in enumerate(loader):
-            if i < loop["batch_in_epoch"]:
-                continue  # resume: skip what the checkpointed run had consumed
+        done = loop["batch_in_epoch"]
+        for i, batch in enumerate(resumed_loader(loader, done) if done else loader, start=done):
             micro = i % cfg.train.grad_accum
             if micro == 0:
                 partitioner.before_step(step)
@@ -195,8 +218,9 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
             total_loss = loss + cfg.moe.aux_loss_coef * aux if aux is not None else loss
             engine.backward(total_loss)
             engine.step()
-            window["loss"] += float(loss.detach())
-            window["aux"] += float(aux.detach()) if aux is not None else 0.0
+            # Tensors until the log step: a float() here would sync the GPU every micro-batch.
+            window["loss"] += loss.detach().float()
+            window["aux"] += aux.detach().float() if aux is not None else 0.0
             window["n"] += 1
             for name, counts in local_expert_loads(module).items():
                 window_loads[name] = window_loads.get(name, 0) + counts
@@ -210,12 +234,13 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
                 log_partition(monitor, entry, step)
             if step % cfg.train.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - t0
-                stats = mean_over_ranks({"loss": window["loss"] / max(1, window["n"]),
-                                         "l_aux": window["aux"] / max(1, window["n"]),
-                                         "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)})
+                stats = mean_over_ranks({"loss": float(window["loss"]) / max(1, window["n"]),
+                                         "l_aux": float(window["aux"]) / max(1, window["n"]),
+                                         "tokens_per_s": float(window["tokens"]) / max(elapsed, 1e-9)})
                 stats["tokens_per_s"] *= world_size()
+                unit = task.info.get("throughput_unit", "tokens")
                 scalars = {"train/loss": stats["loss"], "train/l_aux": stats["l_aux"],
-                           "train/lr": engine.get_lr()[0], "perf/tokens_per_s": stats["tokens_per_s"]}
+                           "train/lr": engine.get_lr()[0], f"perf/{unit}_per_s": stats["tokens_per_s"]}
                 scalars.update(pad_stats(module))
                 monitor.scalars(scalars, step)
                 loads = sum_over_ranks(window_loads)
@@ -288,6 +313,9 @@ def build_summary(cfg, task: Task, module, partitioner, loop, last_eval, step) -
     for name, ratio in layer_ratios.items():
         layers.setdefault(name, {})["dynamic_ratio"] = ratio
     history = loop.get("history", [])
+    from ..conv.dyconv import dyconv_modules, total_param_counts
+
+    dyconv = total_param_counts(module) if any(True for _ in dyconv_modules(module)) else None
     return {
         "eval": last_eval,
         "best_eval": loop.get("best", {}),
@@ -299,6 +327,7 @@ def build_summary(cfg, task: Task, module, partitioner, loop, last_eval, step) -
         "layers": layers,
         "moe_layers": list(pad_moe_layers(module)),
         "partition_log": list(partitioner.log),
+        "dyconv_param_counts": dyconv,
         "task": task.info.get("task"),
         "world_size": world_size(),
         "config": to_dict(cfg),
