@@ -42,7 +42,9 @@ class PADMoE(MoE):
     """Drop-in for ``deepspeed.moe.layer.MoE`` whose expert linears are PAD linears.
 
     Same constructor arguments as DeepSpeed's MoE, plus ``lambda_mode`` and ``mask_scope``.
-    ``y, l_aux, exp_counts = layer(x)`` as in DeepSpeed.
+    ``y, l_aux, exp_counts = layer(x)`` as in DeepSpeed. One deliberate difference: with
+    ``top2_2nd_expert_sampling`` the second expert is sampled in training only (DeepSpeed
+    also samples in eval mode, which makes evaluation non-deterministic).
     """
 
     def __init__(self,
@@ -143,11 +145,19 @@ class PADMoE(MoE):
         units = self.pad_linears()
         for unit in units:
             unit.hold()
+        # DeepSpeed's top-2 gate draws Gumbel noise for the second expert in eval mode too;
+        # evaluation (and `padnet-ds eval` of a checkpoint) must be reproducible, so only training samples.
+        gate = self.deepspeed_moe.gate
+        sampling = getattr(gate, "top2_2nd_expert_sampling", False)
+        if not self.training:
+            gate.top2_2nd_expert_sampling = False
         try:
             yield
         finally:
             for unit in units:
                 unit.release()
+            if hasattr(gate, "top2_2nd_expert_sampling"):
+                gate.top2_2nd_expert_sampling = sampling
 
     def forward(self, hidden_states: Tensor, used_token: Optional[Tensor] = None):
         with self._composition():

@@ -154,3 +154,18 @@ def test_expert_without_linear_and_wrong_mask_shape_are_rejected():
     _, _, layer = upcycled()
     with pytest.raises(ValueError, match="fc1 has shape"):
         layer.pad["fc1"].set_mask(torch.ones(H, F_))
+
+
+def test_eval_is_deterministic_although_training_samples_the_second_expert():
+    fc1, fc2 = dense()
+    layer = PADMoE.from_dense(fc1, fc2, nn.GELU(), num_experts=E, k=2, top2_2nd_expert_sampling=True)
+    perturb_experts(layer, 0.5, seed=4)
+    with torch.no_grad():
+        layer.deepspeed_moe.gate.wg.weight.mul_(0.01)  # near-uniform gate: sampling flips the 2nd expert often
+    x = torch.randn(4, 16, H)
+    layer.eval()
+    torch.testing.assert_close(layer(x)[0], layer(x)[0], rtol=0, atol=0)
+    layer.train()
+    outs = [layer(x)[2] for _ in range(5)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:]), "training should still sample the 2nd expert"
+    assert layer.deepspeed_moe.gate.top2_2nd_expert_sampling
