@@ -146,12 +146,10 @@ def fwd_bwd(module: nn.Module, x: Tensor):
 def main(argv=None) -> Dict[str, Any]:
     common.setup_env()
     ap = common.parser(__doc__, "authors_layer")
-    ap.add_argument("--shapes", default=None, help="comma list of " + ",".join(common.SHAPES) + " (quick: h256)")
-    ap.add_argument("--threads", type=int, default=1)
+    common.add_shape_args(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     common.quiet_deepspeed()
-    shapes = (args.shapes or ("h256" if args.quick else "h256,h768")).split(",")
+    shapes = common.chosen_shapes(args)
     warm, reps = common.warmup(args, 3, 1), common.reps(args, 15, 3)
     res = {}
     for s in shapes:

@@ -46,6 +46,21 @@ def parser(doc: str, name: str) -> argparse.ArgumentParser:
     return ap
 
 
+def add_shape_args(ap: argparse.ArgumentParser, threads: bool = True) -> None:
+    ap.add_argument("--shapes", default=None, help="comma list of " + ",".join(SHAPES) + " (quick: h256)")
+    if threads:
+        ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+
+
+def chosen_shapes(args) -> List[str]:
+    """The shapes to run (quick runs: h256 only); also applies ``--threads`` when the benchmark has it."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return (args.shapes or ("h256" if args.quick else "h256,h768")).split(",")
+
+
 def reps(args, default: int, quick: int) -> int:
     return args.reps if args.reps is not None else (quick if args.quick else default)
 

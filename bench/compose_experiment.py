@@ -169,15 +169,13 @@ def check_equal(hidden: int = 32, ffn: int = 64) -> float:
 def main(argv=None) -> Dict[str, Any]:
     common.setup_env()
     ap = common.parser(__doc__, "compose_experiment")
-    ap.add_argument("--shapes", default=None)
-    ap.add_argument("--threads", type=int, default=1)
+    common.add_shape_args(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    shapes = common.chosen_shapes(args)
     err = check_equal()
     print(f"gradients fast vs current: max relative difference {err:.2e}")
     from .moe_step import experts_pass, make_models
 
-    shapes = (args.shapes or ("h256" if args.quick else "h256,h768")).split(",")
     warm, reps = common.warmup(args, 3, 1), common.reps(args, 15, 3)
     res = {}
     for s in shapes:

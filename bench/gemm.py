@@ -91,11 +91,9 @@ def build(hidden: int, ffn: int, rows: int, ratio: float = 0.5, phi: float = 0.3
 def main(argv=None) -> Dict[str, Any]:
     common.setup_env()
     ap = common.parser(__doc__, "gemm")
-    ap.add_argument("--shapes", default=None, help="comma list of " + ",".join(common.SHAPES) + " (quick: h256)")
-    ap.add_argument("--threads", type=int, default=1)
+    common.add_shape_args(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    shapes = (args.shapes or ("h256" if args.quick else "h256,h768")).split(",")
+    shapes = common.chosen_shapes(args)
     warm, reps = common.warmup(args, 3, 1), common.reps(args, 20, 3)
     res = {}
     for s in shapes:

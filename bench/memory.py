@@ -163,9 +163,9 @@ def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
 def main(argv=None) -> Dict[str, Any]:
     common.setup_env()
     ap = common.parser(__doc__, "memory")
-    ap.add_argument("--shapes", default=None, help="comma list of " + ",".join(common.SHAPES) + " (quick: h256)")
+    common.add_shape_args(ap, threads=False)
     args = ap.parse_args(argv)
-    shapes = (args.shapes or ("h256" if args.quick else "h256,h768")).split(",")
+    shapes = common.chosen_shapes(args)
     cfg = dict(shapes=shapes, ratios=RATIOS)
     per_rank = common.spawn(_rank, 2, cfg)
     from padnet_ds.pad.accounting import pad_counts

@@ -216,11 +216,11 @@ def analyse(per_rank: List[Dict[str, Any]], variants) -> Dict[str, Any]:
 def main(argv=None) -> Dict[str, Any]:
     common.setup_env()
     ap = common.parser(__doc__, "moe_step")
-    ap.add_argument("--shapes", default=None, help="comma list of " + ",".join(common.SHAPES) + " (quick: h256)")
+    common.add_shape_args(ap, threads=False)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--overlap-comm", action="store_true", help="ZeRO overlap_comm (default off, DeepSpeed's default)")
     args = ap.parse_args(argv)
-    shapes = (args.shapes or ("h256" if args.quick else "h256,h768")).split(",")
+    shapes = common.chosen_shapes(args)
     variants = tuple(args.variants.split(","))
     assert "moe" in variants and "pad" in variants, "variants must include moe and pad"
     cfg = dict(shapes=shapes, variants=variants, warmup=common.warmup(args, 3, 1), reps=common.reps(args, 15, 3),
