@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 import torch
 import yaml
 
+from ..moe.expert import unit_key
 from ..pad.accounting import pad_counts
 from ..pad.compose import lambda_pair
 from .checkpoint import latest_tag
@@ -61,7 +62,7 @@ def inspect_checkpoint(path: str) -> Dict[str, Any]:
             layer_experts = experts[moe_prefix]
             factors = len(layer_experts)
             masks = [module[f"{prefix}.mask"]] if f"{prefix}.mask" in module else [
-                e[f"{path}.mask"] for e in layer_experts.values() for path in [unit_path(e, unit_name)]]
+                expert_mask(e, unit_name) for e in layer_experts.values()]
             kind, layer, mode = "moe", moe_prefix, lambda_mode
         else:
             layer = prefix.rpartition(".")[0]
@@ -95,11 +96,11 @@ def inspect_checkpoint(path: str) -> Dict[str, Any]:
     }
 
 
-def unit_path(expert_state: Dict[str, torch.Tensor], unit_name: str) -> str:
-    """The expert-module path whose unit key is ``unit_name`` (keys are paths with '.' -> '_')."""
-    for key in expert_state:
-        if key.endswith(".mask") and key[: -len(".mask")].replace(".", "_") == unit_name:
-            return key[: -len(".mask")]
+def expert_mask(expert_state: Dict[str, torch.Tensor], unit_name: str) -> torch.Tensor:
+    """One expert's mask for the PAD unit keyed ``unit_name`` (the key PADMoE derived from its path)."""
+    for key, t in expert_state.items():
+        if key.endswith(".mask") and unit_key(key[: -len(".mask")]) == unit_name:
+            return t
     raise KeyError(f"no per-expert mask for PAD unit {unit_name}")
 
 

@@ -166,12 +166,8 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
         for layer in pad_moe_layers(model).values():
             perturb_experts(layer, cfg.partition.perturb_std, seed=cfg.seed)
 
-    sampler = DistributedSampler(task.train_set, num_replicas=world_size(), rank=rank(), shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    # Its own generator: creating a loader iterator otherwise draws from the global RNG, and a
-    # resumed run creates one at a different point than the uninterrupted run did.
-    loader = DataLoader(task.train_set, batch_size=cfg.train.micro_batch_size, sampler=sampler,
-                        collate_fn=task.collate, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = train_loader(task, cfg, cfg.seed)
+    sampler = loader.sampler
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum)
     total = cfg.train.steps or max(1, int(cfg.train.epochs * steps_per_epoch))
     ds = load_ds_config(cfg)
@@ -293,12 +289,19 @@ def log_partition(monitor: Monitor, entry: Dict[str, Any], step: int) -> None:
     monitor.scalars(scalars, step)
 
 
-def scoring_batches(task: Task, cfg: RunConfig):
-    """A seeded subset of training rows for ``before_training`` scoring, the same on every rank's shard."""
+def train_loader(task: Task, cfg: RunConfig, seed: int) -> DataLoader:
+    """This rank's shard of the training rows, shuffled by ``seed`` (per epoch via ``set_epoch``)."""
     sampler = DistributedSampler(task.train_set, num_replicas=world_size(), rank=rank(), shuffle=True,
-                                 seed=cfg.seed + 1, drop_last=True)
+                                 seed=seed, drop_last=True)
+    # Its own generator: creating a loader iterator otherwise draws from the global RNG, and a
+    # resumed run creates one at a different point than the uninterrupted run did.
     return DataLoader(task.train_set, batch_size=cfg.train.micro_batch_size, sampler=sampler,
                       collate_fn=task.collate, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def scoring_batches(task: Task, cfg: RunConfig) -> DataLoader:
+    """A seeded subset of training rows for ``before_training`` scoring, the same on every rank's shard."""
+    return train_loader(task, cfg, cfg.seed + 1)
 
 
 def build_summary(cfg, task: Task, module, partitioner, loop, last_eval, step) -> Dict[str, Any]:
