@@ -20,9 +20,14 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 # capacity factor 1.25 and ep_size 2 a local expert sees 2 * tokens * k / E * 1.25 rows.
 SHAPES: Dict[str, Dict[str, int]] = {
     "h256": dict(hidden=256, ffn=1024, batch=8, seq=128),
-    # BERT-base FFN; 4 x 128 tokens per rank keeps a step around a second on one CPU core per rank.
-    "h768": dict(hidden=768, ffn=3072, batch=4, seq=128),
+    # BERT-base FFN with "as many tokens as fit": micro-batch 8 at BERT's full 512-token sequence
+    # (2560 rows per local expert; a step takes a few seconds on one CPU core per rank).
+    "h768": dict(hidden=768, ffn=3072, batch=8, seq=512),
+    # BERT-base FFN with few tokens (320 rows per local expert, PAD_SPEC section 9's reference
+    # shape): the weight-sized composition weighs most against the GEMMs here.
+    "h768s": dict(hidden=768, ffn=3072, batch=4, seq=128),
 }
+DEFAULT_SHAPES = "h256,h768s"  # layer-level benchmarks; bench.moe_step adds h768
 MOE = dict(experts=8, k=2, capacity_factor=1.25, ep_size=2)
 
 
@@ -52,13 +57,17 @@ def add_shape_args(ap: argparse.ArgumentParser, threads: bool = True) -> None:
         ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
 
 
-def chosen_shapes(args) -> List[str]:
+def chosen_shapes(args, default: str = DEFAULT_SHAPES) -> List[str]:
     """The shapes to run (quick runs: h256 only); also applies ``--threads`` when the benchmark has it."""
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
-    return (args.shapes or ("h256" if args.quick else "h256,h768")).split(",")
+    shapes = (args.shapes or ("h256" if args.quick else default)).split(",")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"--shapes: unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
+    return shapes
 
 
 def reps(args, default: int, quick: int) -> int:

@@ -10,7 +10,7 @@ interleaved after warm-up (medians):
   matmul     the limit: per linear and expert, the three GEMMs of forward+backward written as
              bare ``torch.matmul`` calls (y = x W^T, dx = dy W, dW = dy^T x), no autograd, no bias
   composed   our PAD path: ``PADUnit`` terms (S, Md) once per linear per call, then
-             ``ComposedLinear`` forward+backward per expert through autograd (bias, phi learned,
+             ``Composition.linear`` forward+backward per expert through autograd (bias, phi learned,
              mask ratio 0.5), gradients for x, W_e, b_e, W_static and phi
   linear     the stock expert: ``F.linear`` through autograd (what DeepSpeed's MoE expert runs)
 
@@ -30,7 +30,7 @@ LOCAL_EXPERTS = 4
 
 
 def build(hidden: int, ffn: int, rows: int, ratio: float = 0.5, phi: float = 0.3):
-    from padnet_ds.pad.compose import PADUnit, composed_linear
+    from padnet_ds.pad.compose import PADUnit
 
     g = torch.Generator().manual_seed(0)
     dims = [(hidden, ffn), (ffn, hidden)]  # (in, out) of fc1 and fc2
@@ -69,9 +69,9 @@ def build(hidden: int, ffn: int, rows: int, ratio: float = 0.5, phi: float = 0.3
         for i in range(2):
             unit = units[i]
             unit.hold()
-            terms = unit.shared_linear_terms()
+            comp = unit.composition()
             for e in range(LOCAL_EXPERTS):
-                outs.append(composed_linear(xs[i][e], weights[i][e], biases[i][e], *terms))
+                outs.append(comp.linear(xs[i][e], weights[i][e], biases[i][e]))
                 gs.append(grads[i][e])
             unit.release()
         torch.autograd.backward(outs, gs)

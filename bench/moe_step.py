@@ -1,9 +1,9 @@
 """Train-step time of PAD-MoE against DeepSpeed's stock (fully dynamic) MoE on identical shapes.
 
-    python -m bench.moe_step [--quick] [--shapes h256,h768] [--reps N] [--out bench/results/moe_step.json]
+    python -m bench.moe_step [--quick] [--shapes h256,h768,h768s] [--reps N] [--out bench/results/moe_step.json]
 
 2 gloo ranks (one thread each), ep_size 2, ZeRO 2, fp32, E=8, k=2, capacity factor 1.25,
-torch AdamW. Every variant is its own DeepSpeed engine built in the SAME two processes;
+torch's fused AdamW. Every variant is its own DeepSpeed engine built in the SAME two processes;
 steps are interleaved A B C A B C (rotating order) after warm-up and the median step is
 reported (a step = forward + backward + optimizer step, each timed; per step the slowest
 rank counts). Variants:
@@ -14,15 +14,13 @@ rank counts). Variants:
   pad_frozen    the same PAD model with the static weights frozen (requires_grad False): the
                 difference pad - pad_frozen is what the replicated static weights cost in
                 gradient computation, all-reduce and optimizer work
-  pad_fast      the same PAD model with the experimental (not packaged)
-                composition of bench/compose_experiment.py
 
 Plus, per rank and off the engines (no communication), interleaved with the steps:
 
   compose_pad / compose_moe   forward+backward of the local experts on ZERO rows: what is left
                 is the composition itself (per-layer S / Md terms, one addcmul per expert in
-                forward and again in backward, the mask multiply of the expert gradient, the
-                static weight's and phi's gradients)
+                forward and again in backward, the sum of G_e and the mask multiply of the
+                expert gradient, the hub's static-weight and phi gradients)
   experts_pad / experts_moe   forward+backward of the local experts on the real dispatched buffer
                 (ep_size x capacity rows per local expert): the expert GEMMs with composition
 """
@@ -32,7 +30,7 @@ from typing import Any, Dict, List
 
 from . import common
 
-VARIANTS = ("moe", "pad", "pad_frozen", "pad_fast")
+VARIANTS = ("moe", "pad", "pad_frozen")
 
 
 def make_models(hidden: int, ffn: int, ep_size: int, *, seed: int = 0, ratio: float = 0.5, phi: float = 0.3,
@@ -76,10 +74,6 @@ def make_models(hidden: int, ffn: int, ep_size: int, *, seed: int = 0, ratio: fl
                     unit.phi.fill_(phi)
                 if name == "pad_frozen":
                     unit.static_weight.requires_grad_(False)
-        if name == "pad_fast":  # the experimental composition of bench/compose_experiment.py
-            from .compose_experiment import patch_layer
-
-            patch_layer(layer)
         out[name] = Net(layer)
     return out
 
@@ -93,7 +87,9 @@ def ds_config(micro: int, stage: int = 2, overlap_comm: bool = False) -> Dict[st
 def adamw(params):
     import torch
 
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    # fused: one kernel per parameter tensor, as DeepSpeed's FusedAdam on GPUs; torch's unfused CPU
+    # path allocates temporaries per tensor and runs 8-17x slower on this machine (bench/README.md).
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
 
 
 def train_step(engine, x, barrier: bool = True) -> Dict[str, float]:
@@ -206,8 +202,6 @@ def analyse(per_rank: List[Dict[str, Any]], variants) -> Dict[str, Any]:
         if "pad_frozen" in med:
             share["static_weights"] = (med["pad"]["total"] - med["pad_frozen"]["total"]) / base
             res["step_ratio_static_frozen"] = med["pad_frozen"]["total"] / base
-        if "pad_fast" in med:
-            res["step_ratio_pad_fast"] = med["pad_fast"]["total"] / base
         res["overhead_share_of_moe_step"] = share
         out[shape_name] = res
     return out
@@ -220,10 +214,10 @@ def main(argv=None) -> Dict[str, Any]:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--overlap-comm", action="store_true", help="ZeRO overlap_comm (default off, DeepSpeed's default)")
     args = ap.parse_args(argv)
-    shapes = common.chosen_shapes(args)
+    shapes = common.chosen_shapes(args, default="h256,h768,h768s")
     variants = tuple(args.variants.split(","))
     assert "moe" in variants and "pad" in variants, "variants must include moe and pad"
-    cfg = dict(shapes=shapes, variants=variants, warmup=common.warmup(args, 3, 1), reps=common.reps(args, 15, 3),
+    cfg = dict(shapes=shapes, variants=variants, warmup=common.warmup(args, 2, 1), reps=common.reps(args, 10, 3),
                overlap_comm=args.overlap_comm)
     per_rank = common.spawn(_rank, 2, cfg)
     res = analyse(per_rank, variants)
@@ -245,7 +239,6 @@ def main(argv=None) -> Dict[str, Any]:
                   machine=common.machine(), quick=args.quick, results=res,
                   step_ratio_vs_deepspeed_moe=res[first]["step_ratio"],
                   step_ratio_per_shape={s: r["step_ratio"] for s, r in res.items()},
-                  step_ratio_pad_fast_per_shape={s: r.get("step_ratio_pad_fast") for s, r in res.items()},
                   goal="pad / moe <= 1.05")
     out = common.write_json(args.out, result)
     print("\n" + ", ".join(f"{s}: pad/moe = {r['step_ratio']:.3f}" for s, r in res.items()) + f" (goal <= 1.05); wrote {out}")

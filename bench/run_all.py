@@ -27,11 +27,8 @@ BENCHES = ("moe_step", "authors_layer", "memory", "gemm", "scaling", "partitione
 def _args(name: str, quick: bool) -> List[str]:
     if name == "dyconv":  # another helper's benchmark, with its own flags (no --quick)
         return ["--reps", "5", "--warmup", "2", "--threads", "1"] if quick else ["--threads", "1"]
-    if name == "partitioner":
-        src = (REPO / "bench" / "partitioner.py").read_text()
-        if "--quick" in src:
-            return ["--quick"] if quick else []
-        return ["--reps", "2", "--warmup", "1", "--interval", "3"] if quick else []
+    if name == "partitioner":  # counts steps, not repetitions
+        return ["--reps", "12", "--warmup", "3", "--interval", "3"] if quick else []
     return ["--quick"] if quick else []
 
 
@@ -96,7 +93,6 @@ def main(argv=None) -> Dict[str, Any]:
     summary: Dict[str, Any] = dict(
         step_ratio_vs_deepspeed_moe=number(ms, "step_ratio_vs_deepspeed_moe"),
         step_ratio_per_shape=(ms or {}).get("step_ratio_per_shape"),
-        step_ratio_pad_fast_per_shape=(ms or {}).get("step_ratio_pad_fast_per_shape"),
         layer_ratio_vs_authors=number(al, "layer_ratio_vs_authors"),
         layer_ratio_per_shape=(al or {}).get("layer_ratio_per_shape"),
         memory_ratio_r05=number(mem, "memory_ratio_r05"),

@@ -43,6 +43,9 @@ class OptimConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay to 0
+    # torch's fused AdamW kernel (CPU and CUDA): on CPU the per-tensor loop allocates temporaries
+    # for every tensor and ran 8x slower here (bench/README.md); false for the loop
+    fused: bool = True
 
 
 @dataclass

@@ -60,7 +60,7 @@ def load_ds_config(cfg: RunConfig) -> Dict[str, Any]:
 def optimizer_and_schedule(cfg: RunConfig, ds: Dict[str, Any], total_steps: int):
     """AdamW + linear warm-up/decay, unless the DeepSpeed JSON brings its own optimizer/scheduler."""
     opt = None if "optimizer" in ds else (lambda groups: torch.optim.AdamW(
-        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps))
+        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=cfg.optim.fused))
     if "scheduler" in ds:
         return opt, None
     warmup = int(cfg.optim.warmup_ratio * total_steps)

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..pad.compose import PADUnit, composed_linear
+from ..pad.compose import PADUnit
 
 
 class PADExpertLinear(nn.Module):
@@ -38,8 +38,7 @@ class PADExpertLinear(nn.Module):
         unit: Optional[PADUnit] = self.__dict__["unit"]
         if unit is None:
             raise RuntimeError("PADExpertLinear is not bound to a PAD unit: build it through padnet_ds.PADMoE")
-        terms = unit.shared_linear_terms() if self.mask is None else unit.linear_terms(self.mask, self)
-        return composed_linear(x, self.weight, self.bias, *terms)
+        return unit.composition(self).linear(x, self.weight, self.bias)
 
     def set_mask(self, mask: Tensor) -> None:
         if self.mask is None:

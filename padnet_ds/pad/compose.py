@@ -3,21 +3,28 @@
     W_eff(e) = lambda_d * M * W_e + lambda_s * (1 - M) * W_static
 
 is evaluated as ``W_eff(e) = S + Md * W_e`` with two expert-independent terms computed
-once per forward per layer (not once per expert):
+once per layer forward (not once per expert):
 
     S  = lambda_s * (1 - M) * W_static        Md = lambda_d * M
 
-Each expert then needs a single fused ``addcmul`` pass, and :class:`ComposedLinear`
-recomputes ``W_eff`` in backward instead of keeping it alive, so the activation memory
-a PAD expert adds is the two shared terms per layer, not weight-sized tensors per expert.
+MoE expert linears go through a :class:`Composition` (one per mask and layer forward):
+each expert needs one ``addcmul`` into a reused workspace in forward and again in
+backward (the composed weight is never kept for backward), and its backward adds
+``G_e = dL/dW_eff(e)`` into a per-layer sum instead of returning weight-sized gradients
+for ``S`` and ``Md`` that autograd would add up. One ``_Hub`` node per layer, which
+autograd runs after every expert of that layer, turns the sums into the gradients of the
+replicated side:
 
-Because S and Md are ordinary autograd tensors built from ``W_static``, ``phi`` and a
-float view of the mask, the gradient that reaches that float mask is exactly
+    dL/dW_static = lambda_s (1-M) sum_e G_e          dL/dlambda_s = <(1-M) sum_e G_e, W_static>
+    dL/dlambda_d = sum_e <G_e M, W_e>                dL/dM = lambda_d sum_e G_e W_e - lambda_s W_static sum_e G_e
 
-    dL/dM = sum_e dL/dW_eff(e) * (lambda_d * W_e - lambda_s * W_static)
+The last one is the IMP sensitivity (PAD_SPEC section 4). While a partitioner scores,
+the mask enters the hub as a float leaf (:meth:`PADUnit.mask_view`) whose hook receives
+``dL/dM``; the experts then also add ``G_e * W_e`` into a second per-layer sum (one
+in-place pass per expert), with no extra forward or backward pass.
 
-which is the IMP sensitivity (PAD_SPEC section 4). Partitioning reads it from a hook on
-that tensor (see :meth:`PADUnit.mask_view`), with no extra forward or backward pass.
+DY-Conv mixes kernels per sample, not per expert slot, and keeps plain autograd terms
+(:meth:`PADUnit.terms`).
 """
 from __future__ import annotations
 
@@ -37,58 +44,146 @@ def check_lambda_mode(mode: str) -> str:
     return mode
 
 
-class ComposedLinear(torch.autograd.Function):
-    """``y = x @ (S + Md * W).T + b`` without saving the composed weight for backward.
-
-    ``lam_d`` (optional 0-d tensor) is the scalar inside a *detached* ``Md = lam_d * M``: its
-    gradient ``sum(dL/dW_eff * M * W)`` is then a dot product per expert instead of a
-    weight-sized ``dL/dMd`` that autograd would add up over experts. The partitioner needs
-    that full ``dL/dMd`` (it carries ``dL/dM``), so while it scores, ``Md`` keeps its graph and
-    ``lam_d`` is None.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], static: Tensor, mdyn: Tensor,
-                lam_d: Optional[Tensor] = None) -> Tensor:
-        composed = torch.addcmul(static, mdyn, weight)
-        ctx.save_for_backward(x, weight, static, mdyn, lam_d)
-        ctx.has_bias = bias is not None
-        return F.linear(x, composed, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, weight, static, mdyn, lam_d = ctx.saved_tensors
-        need_x, need_w, need_b, need_s, need_m, need_lam = ctx.needs_input_grad
-        grad_x = grad_w = grad_b = grad_s = grad_m = grad_lam = None
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        if need_x:
-            grad_x = grad_out.matmul(torch.addcmul(static, mdyn, weight))
-        if need_w or need_s or need_m or need_lam:
-            grad_composed = g2.t().matmul(x.reshape(-1, x.shape[-1]))
-            if need_w or need_lam:
-                grad_w = grad_composed * mdyn
-            if need_lam:
-                # sum(G * M * W) = <G * Md, W> / lam_d; lam_d = 2 sigmoid(phi) > 0 (0 only if phi < -88)
-                grad_lam = _dot(grad_w, weight) / lam_d
-                grad_w = grad_w if need_w else None
-            if need_m:
-                grad_m = grad_composed * weight
-            if need_s:
-                grad_s = grad_composed
-        if need_b and ctx.has_bias:
-            grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, grad_s, grad_m, grad_lam
-
-
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype in (torch.float16, torch.bfloat16):
         return (a.float() * b.float()).sum()
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def composed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], static: Tensor, mdyn: Tensor,
-                    lam_d: Optional[Tensor] = None) -> Tensor:
-    return ComposedLinear.apply(x, weight, bias, static, mdyn, lam_d)
+class Composition:
+    """One layer forward's composition for one mask, shared by the experts that use the mask.
+
+    Holds ``S``, ``Md`` and ``1 - M`` (computed without autograd) and collects what the
+    experts' backward passes contribute to the replicated side; ``token`` is the output of
+    the layer's hub node, which every expert takes as an input so that autograd runs the
+    hub after all of them. Built by :meth:`PADUnit.composition`.
+    """
+
+    def __init__(self, unit: "PADUnit", mask: Tensor, owner: nn.Module, single_use: bool) -> None:
+        w_s = unit.static_weight
+        lam_d, lam_s = unit.lambdas()
+        m = unit.mask_view(mask, owner)  # a leaf with the score hook while scoring
+        self.scoring = m.requires_grad
+        self.scaled_static: Optional[Tensor] = None  # lambda_s W_static, kept while scoring for dL/dM
+        with torch.no_grad():
+            self.keep = 1 - m
+            if self.scoring:
+                self.scaled_static = w_s * lam_s
+                self.static = self.scaled_static * self.keep
+            else:
+                self.static = torch.mul(w_s, self.keep).mul_(lam_s)
+            self.mdyn = torch.mul(m, lam_d)
+        self.lam_d, self.lam_s = lam_d.detach(), lam_s.detach()
+        self.workspace = unit.workspace(w_s)
+        self.learn_lam_d = lam_d.requires_grad
+        self.single_use = single_use
+        self.gsum: Optional[Tensor] = None       # sum_e G_e
+        self.dyn_score: Optional[Tensor] = None  # sum_e G_e * W_e, while scoring
+        self.dlam_d: Optional[Tensor] = None
+        hub_needed = torch.is_grad_enabled() and (w_s.requires_grad or lam_d.requires_grad or lam_s.requires_grad
+                                                  or self.scoring)
+        self.token = _Hub.apply(w_s, lam_d, lam_s, m if self.scoring else None, self) if hub_needed else None
+
+    def compose(self, weight: Tensor) -> Tensor:
+        """``S + Md * W_e`` in the shared workspace (valid until the next expert composes)."""
+        return torch.addcmul(self.static, self.mdyn, weight, out=self.workspace)
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """``F.linear(x, W_eff, bias)`` for one expert's ``W_e``/``b_e``."""
+        if self.token is None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            y = F.linear(x, self.compose(weight), bias)
+        else:
+            y = _ExpertLinear.apply(x, weight, bias, self.token, self)
+        if self.single_use:
+            self.token = None  # the hub's context refers back to this object: do not keep a cycle alive
+        return y
+
+    def collect(self, grad: Tensor, weight: Tensor) -> Tensor:
+        """Add one expert's ``G_e`` into the layer sums; returns ``G_e * Md`` (= dL/dW_e), in place where possible."""
+        if self.scoring:
+            if self.dyn_score is None:
+                self.dyn_score = grad * weight
+            else:
+                self.dyn_score.addcmul_(grad, weight)
+        if self.gsum is None:
+            self.gsum = grad
+            grad = grad * self.mdyn
+        else:
+            self.gsum.add_(grad)
+            grad.mul_(self.mdyn)
+        if self.learn_lam_d and not self.scoring:  # while scoring, the hub reads it off the score sum
+            # sum(G * M * W) = <G * Md, W> / lambda_d; lambda_d = 2 sigmoid(phi) > 0 (0 only if phi < -88)
+            d = _dot(grad, weight) / self.lam_d
+            self.dlam_d = d if self.dlam_d is None else self.dlam_d + d
+        return grad
+
+
+class _Hub(torch.autograd.Function):
+    """Per layer: (W_static, lambda_d, lambda_s, float mask leaf) -> an empty token for the experts."""
+
+    @staticmethod
+    def forward(ctx, static_weight: Tensor, lam_d: Tensor, lam_s: Tensor, mask_leaf: Optional[Tensor],
+                comp: Composition) -> Tensor:
+        ctx.comp = comp
+        ctx.save_for_backward(static_weight)
+        return static_weight.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        (w_s,) = ctx.saved_tensors
+        comp: Composition = ctx.comp
+        need_ws, need_ld, need_ls, need_m, _ = ctx.needs_input_grad
+        g, comp.gsum = comp.gsum, None
+        if g is None:  # no expert of this layer ran backward
+            return None, None, None, None, None
+        grad_m = grad_ld = grad_ls = None
+        if comp.scoring and comp.learn_lam_d:
+            # dL/dlambda_d = sum_e <G_e M, W_e> = <M, sum_e G_e W_e>: one dot per layer instead of one per expert
+            comp.dlam_d = _dot(comp.dyn_score, comp.mdyn) / comp.lam_d
+        if need_m:
+            grad_m = comp.dyn_score.mul_(comp.lam_d).addcmul_(g, comp.scaled_static, value=-1)
+            comp.dyn_score = None
+        if need_ld and comp.dlam_d is not None:
+            grad_ld = comp.dlam_d.to(comp.lam_d.dtype).reshape(comp.lam_d.shape)
+        comp.dlam_d = None
+        g.mul_(comp.keep)
+        if need_ls:
+            grad_ls = _dot(g, w_s).to(comp.lam_s.dtype).reshape(comp.lam_s.shape)
+        grad_ws = g.mul_(comp.lam_s) if need_ws else None
+        return grad_ws, grad_ld, grad_ls, grad_m, None
+
+
+class _ExpertLinear(torch.autograd.Function):
+    """``y = x @ (S + Md * W_e).T + b_e``, saving only ``x`` and ``W_e`` for backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], token: Optional[Tensor],
+                comp: Composition) -> Tensor:
+        ctx.comp = comp
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, comp.compose(weight), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        comp: Composition = ctx.comp
+        need_x, need_w, need_b, need_hub, _ = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = grad_token = None
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        if need_x:
+            grad_x = grad_out.matmul(comp.compose(weight))
+        if need_w or need_hub:
+            grad = g2.t().matmul(x.reshape(-1, x.shape[-1]))  # G_e = dL/dW_eff(e)
+            if need_hub:
+                grad = comp.collect(grad, weight)
+                grad_token = grad_out.new_zeros(0)
+            else:
+                grad.mul_(comp.mdyn)
+            grad_w = grad if need_w else None
+        if need_b and ctx.has_bias:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, grad_token, None
 
 
 def lambda_pair(mode: str, phi: Tensor) -> Tuple[Tensor, Tensor]:
@@ -140,7 +235,7 @@ class PADUnit(nn.Module):
             self.register_buffer("mask", torch.ones(weight.shape, dtype=torch.bool, device=weight.device))
         # Set by the partitioner while it collects sensitivities: called with (mask owner, dL/dM).
         self.score_sink: Optional[ScoreSink] = None
-        self._held: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
+        self._held: Optional[Composition] = None
 
     @property
     def weight_shape(self) -> torch.Size:
@@ -178,36 +273,40 @@ class PADUnit(nn.Module):
         static = (1 - m) * self.static_weight * lam_s
         return static, lam_d * m
 
-    def linear_terms(self, mask: Tensor, owner: nn.Module) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(S, Md, lam_d) for :func:`composed_linear`: ``Md`` detached and ``lam_d`` returned when
-        only ``phi`` needs its gradient; ``(S, Md, None)`` with ``Md`` in the graph while scoring."""
-        if self.score_sink is not None and torch.is_grad_enabled():
-            return (*self.terms(mask, owner), None)
-        lam_d, lam_s = self.lambdas()
-        m = mask.to(self.static_weight.dtype)
-        static = (1 - m) * self.static_weight * lam_s
-        if not lam_d.requires_grad:
-            return static, lam_d * m, None
-        return static, lam_d.detach() * m, lam_d
-
     def shared_terms(self) -> Tuple[Tensor, Tensor]:
         """(S, Md) of the shared mask, full autograd (DY-Conv composes with it)."""
         return self.terms(self.mask, self)
 
-    def shared_linear_terms(self) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """The shared mask's :meth:`linear_terms`, cached for one layer forward (see :meth:`hold`)."""
-        if self._held is not None:
-            return self._held
-        return self.linear_terms(self.mask, self)
+    def composition(self, owner: Optional[nn.Module] = None) -> Composition:
+        """The :class:`Composition` for ``owner``'s mask (default: the shared mask, held by :meth:`hold`)."""
+        mask = getattr(owner, "mask", None) if owner is not None else None
+        if mask is None or owner is self:
+            if not self.shared_mask:
+                raise ValueError(f"PAD weight {self.name!r} uses per-expert masks: pass the expert linear as owner")
+            if self._held is not None:
+                return self._held
+            return Composition(self, self.mask, self, single_use=True)
+        return Composition(self, mask, owner, single_use=True)
 
     def hold(self) -> None:
-        """Compute the shared terms once, for every expert of the forward that follows."""
+        """Compose the shared terms once, for every expert of the forward that follows."""
         if self.shared_mask:
-            self._held = self.linear_terms(self.mask, self)
+            self._held = Composition(self, self.mask, self, single_use=False)
 
     def release(self) -> None:
         # Dropped after every forward so an edited mask or reloaded weight is never served stale.
+        if self._held is not None:
+            self._held.token = None
         self._held = None
+
+    def workspace(self, like: Tensor) -> Tensor:
+        """A weight-sized scratch tensor kept across steps: composing into fresh multi-MB tensors
+        costs page faults on CPU every step."""
+        ws = self.__dict__.get("_workspace")
+        if ws is None or ws.shape != like.shape or ws.dtype != like.dtype or ws.device != like.device:
+            ws = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            self.__dict__["_workspace"] = ws
+        return ws
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, shape={tuple(self.weight_shape)}, lambda_mode={self.lambda_mode!r}, " \

@@ -29,7 +29,8 @@ from .schedule import scores_upcoming, step_due, target_ratio
 from .scores import ScoreBook, loss_scale_fn, magnitudes, random_scores
 from .select import select_each, select_global
 from .sites import Site, find_sites
-from .sync import global_counts, global_imp_scores, global_magnitudes, min_over_ranks, rank, verify, world
+from .sync import (global_counts, global_imp_scores, global_magnitudes, max_over_ranks, min_over_ranks, rank,
+                   verify, world)
 
 STATE_FILE = "padnet_partition_rank{}.pt"
 
@@ -76,6 +77,8 @@ class Partitioner:
         if self.cfg.mode != "in_training" or not self._scores_needed():
             return
         self.book.switch(not self.done and scores_upcoming(self.cfg, global_step))
+        if self.book.on:
+            self.book.note_weights()
 
     def after_step(self, global_step: int) -> Optional[Dict[str, Any]]:
         """Call after ``engine.step()`` completed optimizer step ``global_step``; runs a partition step when due."""
@@ -119,6 +122,7 @@ class Partitioner:
             for _ in range(self.cfg.steps):
                 if self._scores_needed():
                     self.book.switch(True)
+                    self.book.note_weights()
                     for _ in range(self.cfg.scoring_batches):
                         loss = loss_fn(bare, next(data))
                         if loss.requires_grad:  # False only if no PAD mask is on the loss's path
@@ -183,7 +187,11 @@ class Partitioner:
         if bad:
             raise RuntimeError(f"partition step {t}: non-finite {self.cfg.method} scores in {bad}; the loss or "
                                "gradients diverged during the scoring window")
-        empty = [s.name for s, v in zip(self.sites, scores) if float(v.abs().max()) == 0.0]
+        # Scores of identical experts are 0 only up to rounding (sum_e G_e W_e and W_static sum_e G_e are
+        # summed in different orders), so the trap is read off the weights the scored passes used.
+        seen = max_over_ranks([float(d) for d in self.book.diverged]) if self.cfg.method == "imp" else None
+        empty = [s.name for i, (s, v) in enumerate(zip(self.sites, scores))
+                 if float(v.abs().max()) == 0.0 or (seen is not None and seen[i] == 0.0)]
         if empty:
             what = "dL/dM" if self.cfg.method == "imp" else "|lambda_d W_e - lambda_s W_static|"
             fix = (f"set partition.warmup_steps > 0 (now {self.cfg.warmup_steps}) so the experts diverge before "

@@ -39,6 +39,9 @@ class ScoreBook:
         self.sums: List[List[Optional[Tensor]]] = [[None] * len(s.masks) for s in sites]
         self.calls = 0  # sink calls since the last reset: 0 at a partition step means nothing was scored
         self.skipped = 0  # fp16 overflow contributions dropped (the optimizer skips those steps too)
+        # Per site: did any scored pass since the last reset see experts that differ from the static
+        # side? If not, the sums hold rounding noise, not information (the symmetry trap).
+        self.diverged: List[bool] = [False] * len(sites)
         self.on = False
 
     def switch(self, on: bool) -> None:
@@ -48,6 +51,13 @@ class ScoreBook:
         sink = self.sink if on else None
         for unit in {id(s.unit): s.unit for s in self.sites}.values():
             unit.score_sink = sink
+
+    def note_weights(self) -> None:
+        """Call before the passes to be scored: records which sites' experts differ from the static
+        side (checked until true once per window, so it costs one weight pass per window)."""
+        for i, site in enumerate(self.sites):
+            if not self.diverged[i]:
+                self.diverged[i] = deviation(site) > 0.0
 
     def sink(self, owner: nn.Module, grad: Tensor) -> None:
         i, j = self._where[id(owner)]
@@ -71,16 +81,18 @@ class ScoreBook:
         self.sums = [[None] * len(s.masks) for s in self.sites]
         self.calls = 0
         self.skipped = 0
+        self.diverged = [False] * len(self.sites)
 
     def state_dict(self) -> dict:
         return {"sums": [[None if b is None else b.detach().cpu().clone() for b in bufs] for bufs in self.sums],
-                "calls": self.calls, "skipped": self.skipped}
+                "calls": self.calls, "skipped": self.skipped, "diverged": list(self.diverged)}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = [[None if b is None else b.to(device=m.device, dtype=torch.float32)
                       for b, m in zip(bufs, site.masks)] for bufs, site in zip(state["sums"], self.sites)]
         self.calls = int(state["calls"])
         self.skipped = int(state.get("skipped", 0))
+        self.diverged = [bool(d) for d in state.get("diverged", [True] * len(self.sites))]
 
 
 @torch.no_grad()
@@ -95,6 +107,15 @@ def magnitudes(site: Site) -> List[Tensor]:
             acc.add_((lam_d * w.float() - lam_s * static).abs())
         out.append(acc)
     return out
+
+
+def deviation(site: Site) -> float:
+    """``max |lambda_d W_e - lambda_s W_static|`` over this rank's factors: exactly 0 while every
+    expert still equals the static weight with equal lambdas (the symmetry trap), whatever the
+    rounding of the scores computed from it."""
+    lam_d, lam_s = (v.detach() for v in site.unit.lambdas())
+    static = site.unit.static_weight.detach() * lam_s
+    return max((float((w.detach() * lam_d - static).abs().max()) for f in site.factors for w in f), default=0.0)
 
 
 def random_scores(sites: List[Site], gen: torch.Generator) -> List[Tensor]:

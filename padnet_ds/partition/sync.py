@@ -118,6 +118,14 @@ def min_over_ranks(value: int) -> int:
     return int(t)
 
 
+def max_over_ranks(values: List[float]) -> List[float]:
+    if not dist_on() or world() == 1 or not values:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def global_counts(sites: List[Site], local: List[List[int]]) -> List[List[int]]:
     """Per site, global sums of per-mask integer counts (e.g. dynamic entries, flips).
 

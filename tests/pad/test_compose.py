@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from padnet_ds.pad.compose import LAMBDA_MODES, PADUnit, check_lambda_mode, composed_linear
+from padnet_ds.pad.compose import LAMBDA_MODES, PADUnit, check_lambda_mode
 
 
 def reference(x, w_dyn, bias, w_static, mask, lam_d, lam_s, prune=False):
@@ -13,17 +13,31 @@ def reference(x, w_dyn, bias, w_static, mask, lam_d, lam_s, prune=False):
     return torch.nn.functional.linear(x, w, bias)
 
 
+class Owner(torch.nn.Module):
+    """Stands in for an expert linear with its own mask (mask_scope='expert')."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+
 @pytest.mark.parametrize("mode", LAMBDA_MODES)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("scoring", [True, False])
-def test_composed_linear_matches_formula_forward_backward_and_mask_gradient(mode, with_bias, scoring):
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_composed_linear_matches_formula_forward_backward_and_mask_gradient(mode, with_bias, scoring, per_expert):
     torch.manual_seed(0)
     out_f, in_f, experts = 6, 5, 3
-    unit = PADUnit(torch.randn(out_f, in_f), lambda_mode=mode, name="fc")
+    unit = PADUnit(torch.randn(out_f, in_f), lambda_mode=mode, shared_mask=not per_expert, name="fc")
     with torch.no_grad():
-        unit.mask.copy_(torch.rand(out_f, in_f) > 0.4)
         if isinstance(unit.phi, torch.nn.Parameter):
             unit.phi.fill_(0.3)
+    if per_expert:
+        owners = [Owner(torch.rand(out_f, in_f) > 0.4) for _ in range(experts)]
+        masks = [o.mask for o in owners]
+    else:
+        unit.mask.copy_(torch.rand(out_f, in_f) > 0.4)
+        owners, masks = [unit] * experts, [unit.mask] * experts
     w_dyn = [torch.randn(out_f, in_f, requires_grad=True) for _ in range(experts)]
     b = [torch.randn(out_f, requires_grad=True) if with_bias else None for _ in range(experts)]
     xs = [torch.randn(4, 2, in_f, requires_grad=True) for _ in range(experts)]
@@ -31,14 +45,13 @@ def test_composed_linear_matches_formula_forward_backward_and_mask_gradient(mode
     if scoring:
         unit.score_sink = lambda owner, g: seen.append((owner, g.clone()))
     unit.hold()
-    terms = unit.shared_linear_terms()
-    assert (terms[2] is None) == (scoring or mode in ("s", "none", "prune"))  # lambda_d learned in both, d
-    loss = sum((composed_linear(x, w, bb, *terms) ** 2).sum() for x, w, bb in zip(xs, w_dyn, b))
-    loss.backward()
+    loss = sum((unit.composition(o).linear(x, w, bb) ** 2).sum() for o, x, w, bb in zip(owners, xs, w_dyn, b))
     unit.release()
+    loss.backward()
 
-    # Reference with a leaf float mask: its gradient is the IMP sensitivity dL/dM.
-    leaf_mask = unit.mask.float().requires_grad_(True)
+    # Reference with leaf float masks: their gradient is the IMP sensitivity dL/dM.
+    leaf_masks = [m.float().requires_grad_(True) for m in (masks if per_expert else masks[:1])]
+    leaf_of = leaf_masks if per_expert else leaf_masks * experts
     ref_static = unit.static_weight.detach().clone().requires_grad_(unit.static_weight.requires_grad)
     ref_phi = unit.phi.detach().clone().requires_grad_(isinstance(unit.phi, torch.nn.Parameter))
     ref_unit_lams = {"both": lambda p: (2 * torch.sigmoid(p), 2 - 2 * torch.sigmoid(p)),
@@ -50,8 +63,8 @@ def test_composed_linear_matches_formula_forward_backward_and_mask_gradient(mode
     w_ref = [w.detach().clone().requires_grad_(True) for w in w_dyn]
     b_ref = [bb.detach().clone().requires_grad_(True) if bb is not None else None for bb in b]
     x_ref = [x.detach().clone().requires_grad_(True) for x in xs]
-    ref_loss = sum((reference(x, w, bb, ref_static, leaf_mask, lam_d, lam_s, mode == "prune") ** 2).sum()
-                   for x, w, bb in zip(x_ref, w_ref, b_ref))
+    ref_loss = sum((reference(x, w, bb, ref_static, m, lam_d, lam_s, mode == "prune") ** 2).sum()
+                   for x, w, bb, m in zip(x_ref, w_ref, b_ref, leaf_of))
     ref_loss.backward()
 
     torch.testing.assert_close(loss, ref_loss)
@@ -67,9 +80,27 @@ def test_composed_linear_matches_formula_forward_backward_and_mask_gradient(mode
     if not scoring:
         assert not seen
         return
-    assert len(seen) == 1 and seen[0][0] is unit, "the shared mask's sensitivity arrives once per backward"
-    torch.testing.assert_close(seen[0][1], leaf_mask.grad)
-    assert seen[0][1].abs().sum() > 0
+    expected_owners = owners if per_expert else [unit]
+    assert sorted(map(id, (o for o, _ in seen))) == sorted(map(id, expected_owners)), \
+        "each mask's sensitivity arrives once per backward"
+    for owner, grad in seen:
+        want = leaf_masks[expected_owners.index(owner)].grad
+        torch.testing.assert_close(grad, want)
+        assert grad.abs().sum() > 0
+
+
+def test_no_grad_forward_equals_the_training_forward_and_builds_no_graph():
+    torch.manual_seed(2)
+    unit = PADUnit(torch.randn(6, 5))
+    with torch.no_grad():
+        unit.phi.fill_(-0.4)
+    unit.mask.copy_(torch.rand(6, 5) > 0.5)
+    w, x = torch.randn(6, 5, requires_grad=True), torch.randn(3, 5)
+    y_train = unit.composition().linear(x, w, None)
+    with torch.no_grad():
+        y_eval = unit.composition().linear(x, w, None)
+    assert y_train.requires_grad and not y_eval.requires_grad
+    torch.testing.assert_close(y_eval, y_train.detach())
 
 
 def test_all_ones_mask_with_unit_lambdas_is_exactly_the_dynamic_weight_and_zeros_the_static():
@@ -77,22 +108,34 @@ def test_all_ones_mask_with_unit_lambdas_is_exactly_the_dynamic_weight_and_zeros
     unit = PADUnit(torch.randn(4, 3), lambda_mode="none")
     w = torch.randn(4, 3)
     x = torch.randn(7, 3)
-    s, m = unit.terms(unit.mask, unit)
-    assert torch.equal(composed_linear(x, w, None, s, m), torch.nn.functional.linear(x, w))
+    assert torch.equal(unit.composition().linear(x, w, None), torch.nn.functional.linear(x, w))
     unit.mask.zero_()
-    s, m = unit.terms(unit.mask, unit)
-    assert torch.equal(composed_linear(x, w, None, s, m), torch.nn.functional.linear(x, unit.static_weight))
+    assert torch.equal(unit.composition().linear(x, w, None), torch.nn.functional.linear(x, unit.static_weight))
 
 
-def test_backward_does_not_keep_the_composed_weight():
+def test_backward_keeps_no_composed_weight_per_expert_and_breaks_no_cycle():
+    import gc
+    import weakref
+
     unit = PADUnit(torch.randn(64, 32))
     w = torch.randn(64, 32, requires_grad=True)
-    s, m, lam = unit.linear_terms(unit.mask, unit)
-    y = composed_linear(torch.randn(8, 32), w, None, s, m, lam)
-    saved = {t.data_ptr() for t in y.grad_fn.saved_tensors}
-    # input, expert weight, the two shared terms and lambda_d: nothing composed per expert
-    assert len(y.grad_fn.saved_tensors) == 5 and lam.numel() == 1
-    assert w.data_ptr() in saved and s.data_ptr() in saved and m.data_ptr() in saved
+    unit.hold()
+    comp = unit.composition()
+    ys = [comp.linear(torch.randn(8, 32), w, None) for _ in range(3)]
+    unit.release()
+    for y in ys:
+        # input and expert weight only: the shared terms live once per layer in the composition
+        saved = [t.data_ptr() for t in y.grad_fn.saved_tensors]
+        assert len(saved) == 2 and w.data_ptr() in saved
+    assert comp.static.data_ptr() != comp.workspace.data_ptr()
+    gc.disable()
+    try:
+        ref = weakref.ref(comp)
+        del comp, ys, y
+        # freed by reference counting alone (no reference cycle through the hub node)
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_bad_lambda_mode_and_mask_shape_name_the_setting():
