@@ -26,6 +26,7 @@ Plus, per rank and off the engines (no communication), interleaved with the step
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List
 
 from . import common
@@ -78,9 +79,9 @@ def make_models(hidden: int, ffn: int, ep_size: int, *, seed: int = 0, ratio: fl
     return out
 
 
-def ds_config(micro: int, stage: int = 2, overlap_comm: bool = False) -> Dict[str, Any]:
+def ds_config(micro: int, stage: int = 2, overlap_comm: bool = False, zero: Dict[str, Any] = None) -> Dict[str, Any]:
     return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": stage, "overlap_comm": overlap_comm},
+            "zero_optimization": {"stage": stage, "overlap_comm": overlap_comm, **(zero or {})},
             "steps_per_print": 10**9, "zero_allow_untested_optimizer": True, "wall_clock_breakdown": False}
 
 
@@ -149,7 +150,8 @@ def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
         shape = common.SHAPES[shape_name]
         h, f = shape["hidden"], shape["ffn"]
         models = make_models(h, f, common.MOE["ep_size"], variants=cfg["variants"])
-        engines = {n: build_engine(m, ds_config(shape["batch"], overlap_comm=cfg["overlap_comm"]), optimizer=adamw)
+        engines = {n: build_engine(m, ds_config(shape["batch"], overlap_comm=cfg["overlap_comm"], zero=cfg["zero"]),
+                                   optimizer=adamw)
                    for n, m in models.items()}
         gen = torch.Generator().manual_seed(100 + rank)
         x = torch.randn(shape["batch"], shape["seq"], h, generator=gen).requires_grad_(True)
@@ -213,12 +215,14 @@ def main(argv=None) -> Dict[str, Any]:
     common.add_shape_args(ap, threads=False)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--overlap-comm", action="store_true", help="ZeRO overlap_comm (default off, DeepSpeed's default)")
+    ap.add_argument("--zero", default="{}", help='extra zero_optimization settings for every engine, as JSON, '
+                    'e.g. \'{"reduce_scatter": false}\'')
     args = ap.parse_args(argv)
     shapes = common.chosen_shapes(args, default="h256,h768,h768s")
     variants = tuple(args.variants.split(","))
     assert "moe" in variants and "pad" in variants, "variants must include moe and pad"
     cfg = dict(shapes=shapes, variants=variants, warmup=common.warmup(args, 2, 1), reps=common.reps(args, 10, 3),
-               overlap_comm=args.overlap_comm)
+               overlap_comm=args.overlap_comm, zero=json.loads(args.zero))
     per_rank = common.spawn(_rank, 2, cfg)
     res = analyse(per_rank, variants)
     print(f"train step, 2 gloo ranks x 1 thread, ep_size 2, ZeRO 2, fp32, E=8, k=2, cf 1.25, AdamW; "

@@ -72,31 +72,18 @@ def train_step(engine, part, state, x, y) -> tuple:
     return t1 - t0, time.perf_counter() - t1
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=1024)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--zero", type=int, default=2)
-    ap.add_argument("--interval", type=int, default=10, help="optimizer steps between partition steps")
-    ap.add_argument("--reps", type=int, default=80, help="measured steps per variant")
-    ap.add_argument("--warmup", type=int, default=10, help="steps per variant discarded")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/results/partitioner.json")
-    args = ap.parse_args(argv)
+def measure(args, shape: dict) -> dict:
+    """Off/on engines for one shape, stepped alternately; the overhead figures for that shape."""
+    import types
 
-    from padnet_ds.engine.distributed import init_distributed
+    from padnet_ds.partition import PartitionConfig
 
-    torch.set_num_threads(args.threads)
-    init_distributed()
-    a, pa = build(args, 1.0)
-    b, pb = build(args, 0.5)
+    cfg = types.SimpleNamespace(**{**vars(args), **shape})
+    a, pa = build(cfg, 1.0)
+    b, pb = build(cfg, 0.5)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, args.seq, args.hidden, generator=g)
-    y = torch.randn(args.batch, args.seq, generator=g)
+    x = torch.randn(cfg.batch, cfg.seq, cfg.hidden, generator=g)
+    y = torch.randn(cfg.batch, cfg.seq, generator=g)
     times = {"off": [], "on": [], "partition": []}
     states = {"off": {"step": 0}, "on": {"step": 0}}
     for i in range(args.warmup + args.reps):
@@ -110,8 +97,10 @@ def main(argv=None) -> dict:
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     part_s = statistics.median(times["partition"])
     scoring = on / off - 1.0
-    result = {
-        "config": vars(args),
+    default_interval = PartitionConfig().interval
+    return {
+        "shape": shape,
+        "rows_per_expert": cfg.batch * cfg.seq * 2 // args.experts,
         "step_s_off": off,
         "step_s_on": on,
         "overhead": scoring + part_s / args.interval / off,
@@ -119,13 +108,53 @@ def main(argv=None) -> dict:
         "partition_step_s": part_s,
         # partition-step cost amortized over its window, relative to the off step
         "partition_step_fraction": part_s / args.interval / off,
+        "overhead_at_default_interval": scoring + part_s / default_interval / off,
+        "default_interval": default_interval,
         "partition_steps_run": len(pb.log),
         "achieved_ratio": pb.overall_ratio(),  # ~1: the schedule is long so scoring stays on throughout
         "raw": times,
     }
-    print(f"step off {off * 1e3:.1f} ms, scoring {on * 1e3:.1f} ms (+{100 * scoring:.2f}%); partition step "
-          f"{part_s * 1e3:.1f} ms every {args.interval} steps (+{100 * result['partition_step_fraction']:.2f}%): "
-          f"overhead {100 * result['overhead']:+.2f}% (target < 3%)")
+
+
+def main(argv=None) -> dict:
+    from . import common
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_shape_args(ap)
+    ap.add_argument("--quick", action="store_true", help="CI-sized run: h256, few steps")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--zero", type=int, default=2)
+    ap.add_argument("--interval", type=int, default=10, help="optimizer steps between partition steps")
+    ap.add_argument("--reps", type=int, default=None, help="measured steps per variant (default 60, quick 12)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps per variant discarded (default 8, quick 3)")
+    ap.add_argument("--out", default="bench/results/partitioner.json")
+    args = ap.parse_args(argv)
+    args.reps = common.reps(args, 60, 12)
+    args.warmup = common.warmup(args, 8, 3)
+    if args.quick:
+        args.interval = min(args.interval, 3)
+    shapes = common.chosen_shapes(args)
+
+    from padnet_ds.engine.distributed import init_distributed
+
+    init_distributed()
+    per_shape = {}
+    for name in shapes:
+        shape = {k: common.SHAPES[name][k] for k in ("hidden", "ffn", "batch", "seq")}
+        r = per_shape[name] = measure(args, shape)
+        print(f"[{name}] {shape['batch']}x{shape['seq']} tokens, {r['rows_per_expert']} rows per expert: step off "
+              f"{r['step_s_off'] * 1e3:.1f} ms, scoring {r['step_s_on'] * 1e3:.1f} ms "
+              f"({100 * r['scoring_overhead']:+.2f}%); partition step {r['partition_step_s'] * 1e3:.1f} ms every "
+              f"{args.interval} steps ({100 * r['partition_step_fraction']:+.2f}%): overhead "
+              f"{100 * r['overhead']:+.2f}% (at the default interval {r['default_interval']}: "
+              f"{100 * r['overhead_at_default_interval']:+.2f}%; target < 3%)")
+    first = per_shape[shapes[0]]
+    result = {"config": vars(args), "machine": common.machine(), "quick": args.quick,
+              "shapes": {n: r["shape"] for n, r in per_shape.items()},
+              "overhead": first["overhead"], "overhead_per_shape": {n: r["overhead"] for n, r in per_shape.items()},
+              "scoring_overhead_per_shape": {n: r["scoring_overhead"] for n, r in per_shape.items()},
+              "results": per_shape}
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

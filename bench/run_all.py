@@ -27,8 +27,6 @@ BENCHES = ("moe_step", "authors_layer", "memory", "gemm", "scaling", "partitione
 def _args(name: str, quick: bool) -> List[str]:
     if name == "dyconv":  # another helper's benchmark, with its own flags (no --quick)
         return ["--reps", "5", "--warmup", "2", "--threads", "1"] if quick else ["--threads", "1"]
-    if name == "partitioner":  # counts steps, not repetitions
-        return ["--reps", "12", "--warmup", "3", "--interval", "3"] if quick else []
     return ["--quick"] if quick else []
 
 
@@ -103,6 +101,7 @@ def main(argv=None) -> Dict[str, Any]:
         gemm_efficiency=number(gm, "gemm_efficiency"),
         gemm_efficiency_per_shape=(gm or {}).get("gemm_efficiency_per_shape"),
         partitioner_overhead=partitioner_overhead(raw.get("partitioner")),
+        partitioner_overhead_per_shape=(raw.get("partitioner") or {}).get("overhead_per_shape"),
         weak_scaling=number(sc, "weak_scaling"),
         dyconv_ratio=number(raw.get("dyconv"), "ratio_vs_plain", "pad"),
     )
@@ -115,8 +114,6 @@ def main(argv=None) -> Dict[str, Any]:
             shapes[name] = d["shapes"]
     if raw.get("dyconv"):
         shapes["dyconv"] = raw["dyconv"].get("config")
-    if raw.get("partitioner"):
-        shapes["partitioner"] = raw["partitioner"].get("config") or raw["partitioner"].get("args")
     summary.update(shapes=shapes, machine=common.machine(), quick=args.quick,
                    wall_s={n: d.get("_wall_s") for n, d in raw.items() if d}, errors=errors,
                    details={n: str(results_dir / f"{n}.json") for n, d in raw.items() if d})

@@ -126,7 +126,7 @@ class PADMoE(MoE):
         for unit in self.pad_linears():
             for mask in self.masks(unit):
                 total += mask.numel()
-                dynamic += int(mask.sum())
+                dynamic += int(torch.count_nonzero(mask))  # bool .sum() is ~20x slower on CPU
         return dynamic / total
 
     # -- distributed -------------------------------------------------------------------------

@@ -151,14 +151,14 @@ class Partitioner:
         with torch.no_grad():
             for site, new in zip(self.sites, keep):
                 local = [new] if site.replicated else [new[g] for g in site.experts]
-                flips.append([int((m != n).sum()) for m, n in zip(site.masks, local)])
+                flips.append([int(torch.count_nonzero(m != n)) for m, n in zip(site.masks, local)])
                 for m, n in zip(site.masks, local):
                     m.copy_(n)
         self.book.reset()
         self.step, self.ratio = t, ratio
         digests = verify(self.sites, f"after partition step {t} (global step {global_step})")
         flipped = global_counts(self.sites, flips)
-        dynamic = [int(k.sum()) for k in keep]  # every rank holds every site's global mask here
+        dynamic = [int(torch.count_nonzero(k)) for k in keep]  # every rank holds every site's global mask here
         entry = {"step": t, "global_step": int(global_step), "ratio": ratio,
                  "achieved": sum(dynamic) / sum(s.numel for s in self.sites),
                  "layers": {s.name: {"ratio": d / s.numel, "flipped": f}
@@ -206,14 +206,14 @@ class Partitioner:
     # -- ratios ---------------------------------------------------------------------------------
     def layer_ratios(self) -> Dict[str, float]:
         """{PAD unit path: dynamic fraction}, per-expert masks counted over all EP ranks. Collective."""
-        dyn = global_counts(self.sites, [[int(m.sum()) for m in s.masks] for s in self.sites])
+        dyn = global_counts(self.sites, [[int(torch.count_nonzero(m)) for m in s.masks] for s in self.sites])
         return {s.name: d / s.numel for s, d in zip(self.sites, dyn)}
 
     def overall_ratio(self) -> float:
         """Dynamic fraction over every mask entry of the model. Collective."""
         if not self.sites:
             return 1.0
-        dyn = global_counts(self.sites, [[int(m.sum()) for m in s.masks] for s in self.sites])
+        dyn = global_counts(self.sites, [[int(torch.count_nonzero(m)) for m in s.masks] for s in self.sites])
         return sum(dyn) / sum(s.numel for s in self.sites)
 
     def verify(self) -> List[str]:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from padnet_ds.pad.compose import PADUnit
 from padnet_ds.partition import PartitionConfig, Partitioner
 from padnet_ds.partition.schedule import partition_global_steps, target_ratio
-from padnet_ds.partition.select import select_each, select_global, top_k
+from padnet_ds.partition.select import SAMPLE, kth_largest, select_each, select_global, top_k
 from tests.partition.toy import PToy, data
 
 
@@ -159,6 +159,20 @@ def test_top_k_is_exact_and_breaks_ties_by_index():
     assert sum(int(k.sum()) for k in keep) == 37  # round(0.35 * 107)
     each = select_each(torch.rand(4, 5, 6), 0.5, 4)
     assert each.reshape(4, -1).sum(1).tolist() == [15] * 4
+
+
+def test_bracketed_threshold_equals_kthvalue_on_large_inputs_with_ties():
+    torch.manual_seed(0)
+    n = 8 * SAMPLE + 12345  # large enough for the sampled bracket
+    inputs = {"uniform": torch.rand(n), "ties": (torch.rand(n) * 7).floor(), "constant": torch.full((n,), 0.25),
+              "zeros then values": torch.cat([torch.zeros(n // 2), torch.randn(n - n // 2).abs()]),
+              "sorted": torch.arange(n, dtype=torch.float32)}
+    for name, flat in inputs.items():
+        for k in (1, 5, n // 3, n // 2, n - 3, n):
+            want = torch.kthvalue(flat, n - k + 1).values
+            assert kth_largest(flat, k).item() == want.item(), (name, k)
+        keep = top_k(flat, n // 2)
+        assert int(torch.count_nonzero(keep)) == n // 2, name
 
 
 @pytest.mark.parametrize("field,value,message", [
