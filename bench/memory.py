@@ -20,7 +20,9 @@ tensor storages (a storage reached twice counts once, at its full ``nbytes``):
 
 Activations (``activation_bytes``): the unique storage bytes of every tensor saved for backward
 during one training forward of the MoE layer, captured with
-``torch.autograd.graph.saved_tensors_hooks``, parameter storages excluded.
+``torch.autograd.graph.saved_tensors_hooks``, parameter storages excluded, plus PAD's per-layer
+composition terms (``S``, ``Md``, ``1 - M``, kept on the hub node's context) and the weight-sized
+workspace each PAD unit keeps.
 
 ``memory_ratio_rXX`` = PAD at ratio XX / stock MoE, model states per rank (training memory; PAD
 trains with dense static weights and full expert tensors, so this is >= 1 and the same for every
@@ -105,19 +107,44 @@ def count_model_states(engine) -> Dict[str, int]:
 
 
 def saved_activation_bytes(fn, exclude_ptrs: set) -> int:
+    """Bytes kept for backward by ``fn()``'s graph: saved tensors, plus what PAD keeps outside them.
+
+    A PAD ``Composition`` holds ``S``, ``Md`` and ``1 - M`` (and ``lambda_s W_static`` while
+    scoring) on its hub node's context rather than in ``saved_tensors``, and each PAD unit keeps
+    one weight-sized workspace across steps: both are counted here too.
+    """
     import torch
+
+    from padnet_ds.pad.compose import Composition
 
     storages: Dict[int, int] = {}
 
-    def pack(t):
-        if t.device.type != "meta":
+    def add(t):
+        if t is not None and t.device.type != "meta":
             ptr, nbytes = _storage(t)
             if ptr not in exclude_ptrs and ptr != 0:
                 storages[ptr] = nbytes
+
+    def pack(t):
+        add(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+    built = []
+    original = Composition.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    Composition.__init__ = recording_init
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+    finally:
+        Composition.__init__ = original
+    for comp in built:
+        for t in (comp.static, comp.mdyn, comp.keep, comp.scaled_static, comp.workspace):
+            add(t)
     del out
     return sum(storages.values())
 
