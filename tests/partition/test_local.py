@@ -136,6 +136,13 @@ def test_partitioning_right_after_upcycling_raises_the_symmetry_trap_error():
     assert all(bool(m.all()) for layer in model.moes for u in layer.pad_linears() for m in layer.masks(u))
 
 
+def test_identical_experts_with_unequal_lambdas_carry_information():
+    # W_e == W_static but lambda_d != lambda_s: dL/dM = (lambda_d - lambda_s) W_static sum_e G_e != 0
+    model = PToy(perturb=0.0, phi=0.4)
+    part, entries = run_schedule(model, PartitionConfig(ratio=0.5, warmup_steps=0, interval=1, steps=1), 1)
+    assert len(entries) == 1 and abs(entries[0]["achieved"] - 0.5) < 0.01
+
+
 def test_before_training_single_process_leaves_weights_and_grads_alone():
     model = PToy()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
