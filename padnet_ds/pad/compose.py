@@ -171,10 +171,13 @@ class _ExpertLinear(torch.autograd.Function):
         need_x, need_w, need_b, need_hub, _ = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_token = None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        # Under torch.autocast the forward GEMM ran in a lower precision than the weights; the
+        # backward GEMMs run in it too (the casts are no-ops otherwise).
+        low = grad_out.dtype
         if need_x:
-            grad_x = grad_out.matmul(comp.compose(weight))
+            grad_x = grad_out.matmul(comp.compose(weight).to(low)).to(x.dtype)
         if need_w or need_hub:
-            grad = g2.t().matmul(x.reshape(-1, x.shape[-1]))  # G_e = dL/dW_eff(e)
+            grad = g2.t().matmul(x.reshape(-1, x.shape[-1]).to(low)).to(weight.dtype)  # G_e = dL/dW_eff(e)
             if need_hub:
                 grad = comp.collect(grad, weight)
                 grad_token = grad_out.new_zeros(0)

@@ -103,6 +103,31 @@ def test_no_grad_forward_equals_the_training_forward_and_builds_no_graph():
     torch.testing.assert_close(y_eval, y_train.detach())
 
 
+def test_autocast_forward_and_backward_match_the_formula_in_bf16():
+    torch.manual_seed(3)
+    unit = PADUnit(torch.randn(16, 8))
+    with torch.no_grad():
+        unit.phi.fill_(0.2)
+    unit.mask.copy_(torch.rand(16, 8) > 0.5)
+    w = torch.randn(16, 8, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unit.hold()
+        y = unit.composition().linear(x, w, None)
+        unit.release()
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).sum().backward()
+    assert w.grad.dtype == x.grad.dtype == unit.static_weight.grad.dtype == torch.float32
+
+    m = unit.mask.float()
+    ref_w, ref_x = w.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
+    ref_s = unit.static_weight.detach().clone().requires_grad_(True)
+    lam_d = 2 * torch.sigmoid(torch.tensor(0.2))
+    reference(ref_x, ref_w, None, ref_s, m, lam_d, 2 - lam_d).pow(2).sum().backward()
+    for got, want in ((w.grad, ref_w.grad), (x.grad, ref_x.grad), (unit.static_weight.grad, ref_s.grad)):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * float(want.abs().max()))
+
+
 def test_all_ones_mask_with_unit_lambdas_is_exactly_the_dynamic_weight_and_zeros_the_static():
     torch.manual_seed(1)
     unit = PADUnit(torch.randn(4, 3), lambda_mode="none")
