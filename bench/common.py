@@ -31,6 +31,29 @@ DEFAULT_SHAPES = "h256,h768s"  # layer-level benchmarks; bench.moe_step adds h76
 MOE = dict(experts=8, k=2, capacity_factor=1.25, ep_size=2)
 
 
+def tune_malloc() -> bool:
+    """Keep freed multi-MB blocks in glibc's heap instead of returning them to the OS.
+
+    By default every large tensor is a fresh ``mmap`` that page-faults on first touch, so the
+    same copy can take 1 ms or 12 ms depending on what was freed before it; a small A/B
+    difference (scoring on/off) drowns in that. This is what a GPU caching allocator does
+    anyway. Applies to this process from now on; False where there is no glibc ``mallopt``.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = mallopt(m_mmap_threshold, 32 << 20)  # glibc's ceiling for this setting
+    ok &= mallopt(m_trim_threshold, (1 << 31) - 1)
+    ok &= mallopt(m_top_pad, 256 << 20)
+    return bool(ok)
+
+
 def tokens(shape: Mapping[str, int]) -> int:
     return shape["batch"] * shape["seq"]
 

@@ -1,14 +1,18 @@
 """Overhead of the in_training partitioner as a fraction of the train step.
 
-Two identical PAD-MoE models in DeepSpeed engines train side by side in one process: A with
-``partition.ratio=1.0`` (partitioner off), B scoring on every step with a partition step every
-``--interval`` steps. Single steps run interleaved A B A B ..., so slow drifts of a shared machine
-hit both; partition steps are timed apart from the train step they follow. The overhead is
+One PAD-MoE model in one DeepSpeed engine, one process, stepped alternately without and with
+the partitioner (off, on, on, off, ...): an "on" step goes through ``before_step`` (scoring on)
+and ``after_step`` (a partition step every ``--interval`` on-steps, timed apart from the step);
+an "off" step has scoring switched off and no partition step. Using the same engine for both
+matters: two engines built side by side differed by up to 5% in their GEMM time alone here
+(memory placement), which swamped the scoring cost. The overhead is
 
-    median(B step) / median(A step) - 1  +  median(partition step) / interval / median(A step)
+    median(on step) / median(off step) - 1  +  median(partition step) / interval / median(off step)
 
 (scoring, paid on every step of a scoring window, plus the partition step amortized over its
-window). Run: ``python -m bench.partitioner [--reps STEPS] [--out FILE]``.
+window). Timed in process CPU time, with glibc told to keep freed blocks (``common.tune_malloc``):
+otherwise DeepSpeed's gradient copies page-fault by a varying amount per step and the on/off
+difference of its ``copy_`` alone swung by +-200 ms at h768s in either direction. Run: ``python -m bench.partitioner [--shapes h256,h768s] [--reps STEPS] [--out FILE]``.
 """
 from __future__ import annotations
 
@@ -63,6 +67,13 @@ class Net(nn.Module):
 CLOCK = time.process_time
 
 
+def plain_step(engine, x, y) -> float:
+    t0 = CLOCK()
+    engine.backward(F.mse_loss(engine(x), y))
+    engine.step()
+    return CLOCK() - t0
+
+
 def train_step(engine, part, state, x, y) -> tuple:
     """One optimizer step (with the partitioner's hooks); returns (step seconds, partition-step seconds)."""
     g = state["step"]
@@ -84,20 +95,24 @@ def measure(args, shape: dict) -> dict:
     from padnet_ds.partition import PartitionConfig
 
     cfg = types.SimpleNamespace(**{**vars(args), **shape})
-    a, pa = build(cfg, 1.0)
-    b, pb = build(cfg, 0.5)
+    engine, part = build(cfg, 0.5)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(cfg.batch, cfg.seq, cfg.hidden, generator=g)
     y = torch.randn(cfg.batch, cfg.seq, generator=g)
     times = {"off": [], "on": [], "partition": []}
-    states = {"off": {"step": 0}, "on": {"step": 0}}
+    on_steps = {"step": 0}  # the partitioner's clock counts the steps it sees
     for i in range(args.warmup + args.reps):
-        for name, (engine, part) in (("off", (a, pa)), ("on", (b, pb)))[::1 if i % 2 else -1]:
-            logged = len(part.log)
-            dt, dpart = train_step(engine, part, states[name], x, y)
+        for name in ("off", "on")[::1 if i % 2 else -1]:
+            if name == "on":
+                logged = len(part.log)
+                dt, dpart = train_step(engine, part, on_steps, x, y)
+                partitioned = len(part.log) > logged
+            else:
+                part.book.switch(False)
+                dt, dpart, partitioned = plain_step(engine, x, y), 0.0, False
             if i >= args.warmup:
                 times[name].append(dt)
-                if len(part.log) > logged:
+                if partitioned:
                     times["partition"].append(dpart)
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     part_s = statistics.median(times["partition"])
@@ -115,8 +130,8 @@ def measure(args, shape: dict) -> dict:
         "partition_step_fraction": part_s / args.interval / off,
         "overhead_at_default_interval": scoring + part_s / default_interval / off,
         "default_interval": default_interval,
-        "partition_steps_run": len(pb.log),
-        "achieved_ratio": pb.overall_ratio(),  # ~1: the schedule is long so scoring stays on throughout
+        "partition_steps_run": len(part.log),
+        "achieved_ratio": part.overall_ratio(),  # ~1: the schedule is long so scoring stays on throughout
         "raw": times,
     }
 
@@ -133,8 +148,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--interval", type=int, default=10, help="optimizer steps between partition steps")
     ap.add_argument("--reps", type=int, default=None, help="measured steps per variant (default 60, quick 12)")
     ap.add_argument("--warmup", type=int, default=None, help="steps per variant discarded (default 8, quick 3)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default allocator settings (page-fault noise of several %% per step)")
     ap.add_argument("--out", default="bench/results/partitioner.json")
     args = ap.parse_args(argv)
+    args.malloc_tuned = False if args.default_malloc else common.tune_malloc()
     args.reps = common.reps(args, 60, 12)
     args.warmup = common.warmup(args, 8, 3)
     if args.quick:
