@@ -120,7 +120,7 @@ def saved_activation_bytes(fn, exclude_ptrs: set) -> int:
     storages: Dict[int, int] = {}
 
     def add(t):
-        if t is not None and t.device.type != "meta":
+        if t.device.type != "meta":
             ptr, nbytes = _storage(t)
             if ptr not in exclude_ptrs and ptr != 0:
                 storages[ptr] = nbytes
@@ -143,7 +143,7 @@ def saved_activation_bytes(fn, exclude_ptrs: set) -> int:
     finally:
         Composition.__init__ = original
     for comp in built:
-        for t in (comp.static, comp.mdyn, comp.keep, comp.scaled_static, comp.workspace):
+        for t in comp.kept():
             add(t)
     del out
     return sum(storages.values())

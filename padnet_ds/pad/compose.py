@@ -28,7 +28,7 @@ DY-Conv mixes kernels per sample, not per expert slot, and keeps plain autograd 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,10 @@ class Composition:
         hub_needed = torch.is_grad_enabled() and (w_s.requires_grad or lam_d.requires_grad or lam_s.requires_grad
                                                   or self.scoring)
         self.token = _Hub.apply(w_s, lam_d, lam_s, m if self.scoring else None, self) if hub_needed else None
+
+    def kept(self) -> List[Tensor]:
+        """The weight-sized tensors this composition holds for backward (and the unit's workspace)."""
+        return [t for t in (self.static, self.mdyn, self.keep, self.scaled_static, self.workspace) if t is not None]
 
     def compose(self, weight: Tensor) -> Tensor:
         """``S + Md * W_e`` in the shared workspace (valid until the next expert composes)."""

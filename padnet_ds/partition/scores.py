@@ -110,12 +110,9 @@ def magnitudes(site: Site) -> List[Tensor]:
 
 
 def deviation(site: Site) -> float:
-    """``max |lambda_d W_e - lambda_s W_static|`` over this rank's factors: exactly 0 while every
-    expert still equals the static weight with equal lambdas (the symmetry trap), whatever the
-    rounding of the scores computed from it."""
-    lam_d, lam_s = (v.detach() for v in site.unit.lambdas())
-    static = site.unit.static_weight.detach() * lam_s
-    return max((float((w.detach() * lam_d - static).abs().max()) for f in site.factors for w in f), default=0.0)
+    """Largest of this rank's :func:`magnitudes`: exactly 0 while every expert still equals the
+    static weight with equal lambdas (the symmetry trap), whatever the rounding of the scores."""
+    return max((float(m.max()) for m in magnitudes(site)), default=0.0)
 
 
 def random_scores(sites: List[Site], gen: torch.Generator) -> List[Tensor]:
