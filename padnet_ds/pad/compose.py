@@ -165,12 +165,17 @@ class _ExpertLinear(torch.autograd.Function):
                 comp: Composition) -> Tensor:
         ctx.comp = comp
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, comp.compose(weight), bias)
+        ctx.x_shape = x.shape
+        # As one matrix: a non-contiguous expert chunk (DeepSpeed's dispatch) would otherwise go
+        # through bmm, slower than the single GEMM nn.Linear gets (and copy again in backward).
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        y = F.linear(x2, comp.compose(weight), bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight = ctx.saved_tensors
+        x2, weight = ctx.saved_tensors
         comp: Composition = ctx.comp
         need_x, need_w, need_b, need_hub, _ = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_token = None
@@ -179,9 +184,9 @@ class _ExpertLinear(torch.autograd.Function):
         # backward GEMMs run in it too (the casts are no-ops otherwise).
         low = grad_out.dtype
         if need_x:
-            grad_x = grad_out.matmul(comp.compose(weight).to(low)).to(x.dtype)
+            grad_x = g2.mm(comp.compose(weight).to(low)).to(x2.dtype).view(ctx.x_shape)
         if need_w or need_hub:
-            grad = g2.t().matmul(x.reshape(-1, x.shape[-1]).to(low)).to(weight.dtype)  # G_e = dL/dW_eff(e)
+            grad = g2.t().mm(x2.to(low)).to(weight.dtype)  # G_e = dL/dW_eff(e)
             if need_hub:
                 grad = comp.collect(grad, weight)
                 grad_token = grad_out.new_zeros(0)
