@@ -103,6 +103,34 @@ def test_no_grad_forward_equals_the_training_forward_and_builds_no_graph():
     torch.testing.assert_close(y_eval, y_train.detach())
 
 
+def test_non_contiguous_expert_chunks_give_the_results_of_contiguous_input():
+    # DeepSpeed hands each local expert a dim-1 chunk of the dispatched (ep, experts, capacity, d) buffer.
+    torch.manual_seed(4)
+    unit = PADUnit(torch.randn(6, 5))
+    with torch.no_grad():
+        unit.phi.fill_(0.3)
+    unit.mask.copy_(torch.rand(6, 5) > 0.5)
+    ws = [torch.randn(6, 5, requires_grad=True) for _ in range(3)]
+    bs = [torch.randn(6, requires_grad=True) for _ in range(3)]
+    data = torch.randn(2, 3, 4, 5)
+    results = []
+    for contiguous in (False, True):
+        for p in [unit.static_weight, unit.phi, *ws, *bs]:
+            p.grad = None
+        buf = data.clone().requires_grad_(True)
+        chunks = [c.contiguous() if contiguous else c for c in buf.chunk(3, dim=1)]
+        assert contiguous or not chunks[1].is_contiguous()
+        unit.hold()
+        ys = [unit.composition().linear(c, w, b) for c, w, b in zip(chunks, ws, bs)]
+        unit.release()
+        y = torch.cat(ys, dim=1)
+        y.pow(2).sum().backward()
+        results.append([y.detach(), buf.grad, unit.static_weight.grad, unit.phi.grad,
+                        *(w.grad for w in ws), *(b.grad for b in bs)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 def test_autocast_forward_and_backward_match_the_formula_in_bf16():
     torch.manual_seed(3)
     unit = PADUnit(torch.randn(16, 8))
