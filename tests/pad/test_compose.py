@@ -13,6 +13,16 @@ def reference(x, w_dyn, bias, w_static, mask, lam_d, lam_s, prune=False):
     return torch.nn.functional.linear(x, w, bias)
 
 
+def random_unit(seed, out_f, in_f, phi):
+    """A unit with a random static weight, phi set and a random half-dynamic mask."""
+    torch.manual_seed(seed)
+    unit = PADUnit(torch.randn(out_f, in_f))
+    with torch.no_grad():
+        unit.phi.fill_(phi)
+    unit.mask.copy_(torch.rand(out_f, in_f) > 0.5)
+    return unit
+
+
 class Owner(torch.nn.Module):
     """Stands in for an expert linear with its own mask (mask_scope='expert')."""
 
@@ -90,11 +100,7 @@ def test_composed_linear_matches_formula_forward_backward_and_mask_gradient(mode
 
 
 def test_no_grad_forward_equals_the_training_forward_and_builds_no_graph():
-    torch.manual_seed(2)
-    unit = PADUnit(torch.randn(6, 5))
-    with torch.no_grad():
-        unit.phi.fill_(-0.4)
-    unit.mask.copy_(torch.rand(6, 5) > 0.5)
+    unit = random_unit(2, 6, 5, -0.4)
     w, x = torch.randn(6, 5, requires_grad=True), torch.randn(3, 5)
     y_train = unit.composition().linear(x, w, None)
     with torch.no_grad():
@@ -105,11 +111,7 @@ def test_no_grad_forward_equals_the_training_forward_and_builds_no_graph():
 
 def test_non_contiguous_expert_chunks_give_the_results_of_contiguous_input():
     # DeepSpeed hands each local expert a dim-1 chunk of the dispatched (ep, experts, capacity, d) buffer.
-    torch.manual_seed(4)
-    unit = PADUnit(torch.randn(6, 5))
-    with torch.no_grad():
-        unit.phi.fill_(0.3)
-    unit.mask.copy_(torch.rand(6, 5) > 0.5)
+    unit = random_unit(4, 6, 5, 0.3)
     ws = [torch.randn(6, 5, requires_grad=True) for _ in range(3)]
     bs = [torch.randn(6, requires_grad=True) for _ in range(3)]
     data = torch.randn(2, 3, 4, 5)
@@ -132,11 +134,7 @@ def test_non_contiguous_expert_chunks_give_the_results_of_contiguous_input():
 
 
 def test_autocast_forward_and_backward_match_the_formula_in_bf16():
-    torch.manual_seed(3)
-    unit = PADUnit(torch.randn(16, 8))
-    with torch.no_grad():
-        unit.phi.fill_(0.2)
-    unit.mask.copy_(torch.rand(16, 8) > 0.5)
+    unit = random_unit(3, 16, 8, 0.2)
     w = torch.randn(16, 8, requires_grad=True)
     x = torch.randn(4, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
