@@ -130,6 +130,15 @@ def median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))
 
 
+def quartiles(values: Sequence[float]) -> List[float]:
+    """[25th percentile, median, 75th percentile] (inclusive method; one value gives it thrice)."""
+    vals = [float(v) for v in values]
+    if len(vals) < 2:
+        return vals * 3
+    q1, q2, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+    return [q1, q2, q3]
+
+
 def phase_medians(samples: Sequence[Mapping[str, float]]) -> Dict[str, float]:
     """Median of each phase over samples that are dicts of phase times."""
     return {k: median(s[k] for s in samples) for k in samples[0]}

@@ -184,16 +184,21 @@ def analyse(per_rank: List[Dict[str, Any]], variants) -> Dict[str, Any]:
     for shape_name in per_rank[0]:
         ranks = [r[shape_name]["samples"] for r in per_rank]
         med: Dict[str, Dict[str, float]] = {}
+        totals: Dict[str, List[float]] = {}
         for v in variants:
             # One step = the slowest rank in each phase (the ranks meet at every collective).
             steps = [{ph: max(r[v][i][ph] for r in ranks) for ph in ranks[0][v][i]} for i in range(len(ranks[0][v]))]
             med[v] = common.phase_medians(steps)
+            totals[v] = [s["total"] for s in steps]
         extra = {k: common.median(max(r[k][i] for r in ranks) for i in range(len(ranks[0][k])))
                  for k in ranks[0] if k not in variants}
         base = med["moe"]["total"]
         res = dict(median_s=med, per_rank_ops_median_s=extra,
                    rows_per_local_expert=per_rank[0][shape_name]["rows_per_local_expert"],
-                   step_ratio=med["pad"]["total"] / base)
+                   step_ratio=med["pad"]["total"] / base,
+                   # Round i ran every variant back to back: its pad/moe ratio is one paired sample,
+                   # and their spread shows how far apart two runs of this benchmark may land.
+                   step_ratio_rounds=common.quartiles([p / m for p, m in zip(totals["pad"], totals["moe"])]))
         share = dict(
             composition=(extra["compose_pad"] - extra["compose_moe"]) / base,
             expert_compute_with_composition=(extra["experts_pad"] - extra["experts_moe"]) / base,
@@ -243,9 +248,12 @@ def main(argv=None) -> Dict[str, Any]:
                   machine=common.machine(), quick=args.quick, results=res,
                   step_ratio_vs_deepspeed_moe=res[first]["step_ratio"],
                   step_ratio_per_shape={s: r["step_ratio"] for s, r in res.items()},
+                  step_ratio_round_quartiles_per_shape={s: r["step_ratio_rounds"] for s, r in res.items()},
                   goal="pad / moe <= 1.05")
     out = common.write_json(args.out, result)
-    print("\n" + ", ".join(f"{s}: pad/moe = {r['step_ratio']:.3f}" for s, r in res.items()) + f" (goal <= 1.05); wrote {out}")
+    print("\n" + ", ".join(f"{s}: pad/moe = {r['step_ratio']:.3f} (per round: quartiles "
+                            f"{r['step_ratio_rounds'][0]:.3f}-{r['step_ratio_rounds'][2]:.3f})" for s, r in res.items())
+          + f" (goal <= 1.05); wrote {out}")
     return result
 
 

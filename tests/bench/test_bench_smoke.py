@@ -61,9 +61,11 @@ def test_moe_step_quick(tmp_path):
     from bench import moe_step
 
     out = tmp_path / "moe_step.json"
-    moe_step.main(["--quick", "--reps", "1", "--warmup", "1", "--out", str(out)])
+    moe_step.main(["--quick", "--reps", "3", "--warmup", "1", "--out", str(out)])
     data = _load(out)
     _check(data, "step_ratio_vs_deepspeed_moe")
+    q1, q2, q3 = data["step_ratio_round_quartiles_per_shape"]["h256"]
+    assert all(map(finite, (q1, q2, q3))) and 0 < q1 <= q2 <= q3
     for share in data["results"]["h256"]["overhead_share_of_moe_step"].values():
         assert finite(share)
 
@@ -101,3 +103,10 @@ def test_run_all_quick(tmp_path):
     for key in keys:
         assert finite(data[key]), f"{key}={data[key]!r}"
     assert "partitioner_overhead" in data and "shapes" in data and data["machine"]["cpus"] and data["quick"] is True
+
+
+def test_quartiles_of_paired_ratios():
+    from bench.common import quartiles
+
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [2.0, 3.0, 4.0]
+    assert quartiles([1.2]) == [1.2, 1.2, 1.2]
