@@ -110,20 +110,21 @@ def global_magnitudes(sites: List[Site], local: List[List[Tensor]]) -> List[Tens
     return out
 
 
+def _over_ranks(values: list, op, dtype: torch.dtype) -> list:
+    """Element-wise ``op`` of ``values`` over every rank (``values`` unchanged without a group)."""
+    if not dist_on() or world() == 1 or not values:
+        return list(values)
+    t = torch.tensor(values, dtype=dtype, device=comm_device())
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
 def min_over_ranks(value: int) -> int:
-    if not dist_on() or world() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t)
+    return int(_over_ranks([value], dist.ReduceOp.MIN, torch.int64)[0])
 
 
 def max_over_ranks(values: List[float]) -> List[float]:
-    if not dist_on() or world() == 1 or not values:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return _over_ranks(values, dist.ReduceOp.MAX, torch.float64)
 
 
 def global_counts(sites: List[Site], local: List[List[int]]) -> List[List[int]]:
