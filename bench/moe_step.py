@@ -69,7 +69,7 @@ def make_models(hidden: int, ffn: int, ep_size: int, *, seed: int = 0, ratio: fl
         perturb_experts(layer, perturb, seed=seed)
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
-            for unit in layer.pad_linears():
+            for unit in layer.pad_units():
                 unit.mask.copy_(torch.rand(unit.mask.shape, generator=gen) < mask_ratio)
                 if isinstance(unit.phi, nn.Parameter):
                     unit.phi.fill_(phi)
@@ -171,7 +171,7 @@ def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
         samples = common.interleave({**steps, **extras}, cfg["warmup"], cfg["reps"], clock=clock)
         results[shape_name] = dict(samples=samples, rows_per_local_expert=rows,
-                                   static_params=sum(u.static_weight.numel() for u in models["pad"].moe.pad_linears()),
+                                   static_params=sum(u.static_weight.numel() for u in models["pad"].moe.pad_units()),
                                    local_expert_params=sum(p.numel() for p in
                                                            models["pad"].moe.deepspeed_moe.experts.parameters()))
         del engines, models, local, steps, extras

@@ -128,9 +128,3 @@ def build_task(cfg: RunConfig) -> Task:
         raise ConfigError(f"task={cfg.task!r} is not one of {sorted(TASKS)}")
     return TASKS[cfg.task](cfg)
 
-
-def majority_baseline(labels) -> Optional[float]:
-    labels = list(labels)
-    if not labels or isinstance(labels[0], float):
-        return None
-    return max(labels.count(v) for v in set(labels)) / len(labels)

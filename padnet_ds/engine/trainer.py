@@ -115,9 +115,8 @@ def local_expert_loads(module) -> Dict[str, torch.Tensor]:
     """Tokens this rank routed to each global expert in the last forward, per MoE layer."""
     from ..moe.layer import pad_moe_layers
 
-    return {name: torch.as_tensor(layer.deepspeed_moe.exp_counts).detach().to(torch.float64)
-            for name, layer in pad_moe_layers(module).items()
-            if getattr(layer.deepspeed_moe, "exp_counts", None) is not None}
+    return {name: torch.as_tensor(layer.last_expert_counts).detach().to(torch.float64)
+            for name, layer in pad_moe_layers(module).items() if layer.last_expert_counts is not None}
 
 
 def sum_over_ranks(loads: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -135,8 +134,7 @@ def sum_over_ranks(loads: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def moe_aux(module) -> Optional[torch.Tensor]:
     from ..moe.layer import pad_moe_layers
 
-    terms = [layer.deepspeed_moe.l_aux for layer in pad_moe_layers(module).values()
-             if getattr(layer.deepspeed_moe, "l_aux", None) is not None]
+    terms = [layer.last_l_aux for layer in pad_moe_layers(module).values() if layer.last_l_aux is not None]
     return torch.stack([t.float() for t in terms]).sum() if terms else None
 
 
@@ -190,7 +188,7 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
         for e in entries:
             log_partition(monitor, e, 0)
 
-    progress = make_progress(total, loop["step"])
+    progress = Progress(total, loop["step"])
     window: Dict[str, float] = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0}
     window_loads: Dict[str, torch.Tensor] = {}
     last_eval: Dict[str, float] = {}
@@ -338,7 +336,7 @@ def build_summary(cfg, task: Task, module, partitioner, loop, last_eval, step) -
     }
 
 
-class make_progress:
+class Progress:
     """tqdm on rank 0, silent elsewhere."""
 
     def __init__(self, total: int, start: int) -> None:

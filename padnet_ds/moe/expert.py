@@ -77,7 +77,7 @@ def to_pad_expert(expert: nn.Module, per_expert_mask: bool) -> Tuple[nn.Module, 
     return template, paths
 
 
-def pad_linears_of(module: nn.Module) -> List[Tuple[str, PADExpertLinear]]:
+def expert_linears_of(module: nn.Module) -> List[Tuple[str, PADExpertLinear]]:
     return [(p, m) for p, m in module.named_modules() if isinstance(m, PADExpertLinear)]
 
 

@@ -17,7 +17,7 @@ from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from ..pad.compose import PADUnit, check_lambda_mode
-from .expert import FFNExpert, PADExpertLinear, pad_linears_of, to_pad_expert
+from .expert import FFNExpert, PADExpertLinear, expert_linears_of, to_pad_expert
 
 MASK_SCOPES = ("shared", "expert")
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
@@ -83,7 +83,7 @@ class PADMoE(MoE):
         self._unit_of_path = dict(keys)
         # Bind after DeepSpeed deep-copied the template, so every copy shares the same unit.
         for owner in self.expert_modules():
-            for path, lin in pad_linears_of(owner):
+            for path, lin in expert_linears_of(owner):
                 lin.bind(self.pad[self._unit_of_path[path]])
 
     @classmethod
@@ -105,7 +105,7 @@ class PADMoE(MoE):
             owners.append(self.mlp)
         return owners
 
-    def pad_linears(self) -> List[PADUnit]:
+    def pad_units(self) -> List[PADUnit]:
         """The PAD units, in expert-module order: each has ``.static_weight``, ``.phi`` and ``.mask``."""
         return list(self.pad.values())
 
@@ -120,10 +120,20 @@ class PADMoE(MoE):
             return [unit.mask]
         return [lin.mask for lin in self.local_expert_linears(unit)]
 
+    @property
+    def last_l_aux(self) -> Optional[Tensor]:
+        """The load-balancing loss of the latest forward (None before the first)."""
+        return getattr(self.deepspeed_moe, "l_aux", None)
+
+    @property
+    def last_expert_counts(self) -> Optional[Tensor]:
+        """Tokens this rank routed to each global expert in the latest forward (None before the first)."""
+        return getattr(self.deepspeed_moe, "exp_counts", None)
+
     def dynamic_ratio(self) -> float:
         """Fraction of mask entries that are dynamic (per-expert masks: over this rank's experts)."""
         total = dynamic = 0
-        for unit in self.pad_linears():
+        for unit in self.pad_units():
             for mask in self.masks(unit):
                 total += mask.numel()
                 dynamic += int(torch.count_nonzero(mask))  # bool .sum() is ~20x slower on CPU
@@ -142,7 +152,7 @@ class PADMoE(MoE):
     # -- forward -----------------------------------------------------------------------------
     @contextmanager
     def _composition(self) -> Iterator[None]:
-        units = self.pad_linears()
+        units = self.pad_units()
         for unit in units:
             unit.hold()
         # DeepSpeed's top-2 gate draws Gumbel noise for the second expert in eval mode too;

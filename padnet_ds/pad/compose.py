@@ -66,12 +66,12 @@ class Composition:
         self.scoring = m.requires_grad
         self.scaled_static: Optional[Tensor] = None  # lambda_s W_static, kept while scoring for dL/dM
         with torch.no_grad():
-            self.keep = 1 - m
+            self.static_mask = 1 - m
             if self.scoring:
                 self.scaled_static = w_s * lam_s
-                self.static = self.scaled_static * self.keep
+                self.static = self.scaled_static * self.static_mask
             else:
-                self.static = torch.mul(w_s, self.keep).mul_(lam_s)
+                self.static = torch.mul(w_s, self.static_mask).mul_(lam_s)
             self.mdyn = torch.mul(m, lam_d)
         self.lam_d, self.lam_s = lam_d.detach(), lam_s.detach()
         self.workspace = unit.workspace(w_s)
@@ -86,7 +86,7 @@ class Composition:
 
     def kept(self) -> List[Tensor]:
         """The weight-sized tensors this composition holds for backward (and the unit's workspace)."""
-        return [t for t in (self.static, self.mdyn, self.keep, self.scaled_static, self.workspace) if t is not None]
+        return [t for t in (self.static, self.mdyn, self.static_mask, self.scaled_static, self.workspace) if t is not None]
 
     def compose(self, weight: Tensor) -> Tensor:
         """``S + Md * W_e`` in the shared workspace (valid until the next expert composes)."""
@@ -150,7 +150,7 @@ class _Hub(torch.autograd.Function):
         if need_ld and comp.dlam_d is not None:
             grad_ld = comp.dlam_d.to(comp.lam_d.dtype).reshape(comp.lam_d.shape)
         comp.dlam_d = None
-        g.mul_(comp.keep)
+        g.mul_(comp.static_mask)
         if need_ls:
             grad_ls = _dot(g, w_s).to(comp.lam_s.dtype).reshape(comp.lam_s.shape)
         grad_ws = g.mul_(comp.lam_s) if need_ws else None

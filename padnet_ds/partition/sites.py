@@ -73,7 +73,7 @@ def find_sites(model: nn.Module) -> List[Site]:
     """Every PAD mask of ``model`` in module order (identical on every rank)."""
     moe_units: Dict[int, Tuple[str, PADMoE]] = {}
     for layer_name, layer in pad_moe_layers(model).items():
-        for unit in layer.pad_linears():
+        for unit in layer.pad_units():
             moe_units[id(unit)] = (layer_name, layer)
     modules = dict(model.named_modules())
     sites: List[Site] = []

@@ -25,7 +25,7 @@ class Toy(nn.Module):
         perturb_experts(self.moe, perturb, seed=seed)
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():  # a seeded partial mask, identical on every rank
-            for unit in self.moe.pad_linears():
+            for unit in self.moe.pad_units():
                 unit.mask.copy_(torch.rand(unit.mask.shape, generator=gen) < dynamic)
 
     def forward(self, x):

@@ -29,7 +29,7 @@ def test_no_weight_decay_puts_every_replicated_parameter_in_one_group():
     replicated = [g for g in groups if not any(is_expert_param(p) for p in g["params"])]
     assert len(replicated) == 1
     ids = {id(p) for p in replicated[0]["params"]}
-    unit = next(iter(net.moe.pad_linears()))
+    unit = next(iter(net.moe.pad_units()))
     assert {id(unit.static_weight), id(unit.phi), id(net.norm.weight), id(net.norm.bias)} <= ids
     assert all(g["weight_decay"] == 0.0 for g in groups)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in net.parameters() if p.requires_grad)
@@ -39,7 +39,7 @@ def test_no_weight_decay_puts_every_replicated_parameter_in_one_group():
 def test_weight_decay_spares_phi_biases_and_norms(wd):
     net = Net()
     split = _split(param_groups(net, weight_decay=wd))
-    unit = next(iter(net.moe.pad_linears()))
+    unit = next(iter(net.moe.pad_units()))
     assert id(unit.static_weight) in split[(False, wd)]
     assert {id(unit.phi), id(net.norm.weight), id(net.norm.bias)} <= split[(False, 0.0)]
     expert_w = [p for n, p in net.named_parameters() if is_expert_param(p) and n.endswith("weight")]

@@ -58,7 +58,7 @@ def test_partial_mask_still_matches_dense_right_after_upcycling():
     upcycle_encoder(model, exact_cfg())
     g = torch.Generator().manual_seed(3)
     for moe in moe_layers(model).values():
-        for unit in moe.pad_linears():
+        for unit in moe.pad_units():
             unit.set_mask(torch.rand(unit.weight_shape, generator=g) < 0.5)
     torch.testing.assert_close(run_eval(model, inputs), ref, atol=1e-5, rtol=1e-5)
 
@@ -124,13 +124,13 @@ def test_backward_reaches_static_expert_and_phi():
     # With an all-dynamic mask the static weights get an exact zero gradient; make half static.
     g = torch.Generator().manual_seed(3)
     for moe in moe_layers(model).values():
-        for unit in moe.pad_linears():
+        for unit in moe.pad_units():
             unit.set_mask(torch.rand(unit.weight_shape, generator=g) < 0.5)
     model.train()
     loss = model(**inputs, labels=torch.tensor([0, 2])).loss + 0.01 * moe_aux_loss(model)
     loss.backward()
     for name, moe in moe_layers(model).items():
-        for unit in moe.pad_linears():
+        for unit in moe.pad_units():
             assert unit.static_weight.grad.abs().sum() > 0, name
             assert unit.phi.grad is not None and unit.phi.grad.abs() > 0, name
         for expert in moe.deepspeed_moe.experts.deepspeed_experts:

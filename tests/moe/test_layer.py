@@ -47,7 +47,7 @@ def test_perturbed_experts_with_all_zero_masks_reproduce_the_static_ffn():
     x = torch.randn(2, 9, H)
     y_dyn, _, _ = layer(x)
     assert (y_dyn - dense_out(fc1, fc2, x)).abs().max() > 1e-3, "perturbation must change the experts"
-    for unit in layer.pad_linears():
+    for unit in layer.pad_units():
         unit.mask.zero_()  # in place: must take effect at the next forward, no stale composition
     for train in (True, False):
         layer.train(train)
@@ -88,7 +88,7 @@ def test_all_ones_mask_in_mode_none_is_deepspeeds_plain_moe_forward_and_gradient
         for name in ("fc1", "fc2"):
             torch.testing.assert_close(getattr(src, name).weight.grad, getattr(dst, name).weight.grad)
             torch.testing.assert_close(getattr(src, name).bias.grad, getattr(dst, name).bias.grad)
-    for unit in layer.pad_linears():  # fully dynamic: the static weights take no part
+    for unit in layer.pad_units():  # fully dynamic: the static weights take no part
         assert unit.static_weight.grad is None or not unit.static_weight.grad.any()
 
 
@@ -99,7 +99,7 @@ def test_parameter_placement_and_names():
     replicated = [n for n, _ in layer.named_parameters() if n.startswith("pad.")]
     assert sorted(replicated) == ["pad.fc1.phi", "pad.fc1.static_weight", "pad.fc2.phi", "pad.fc2.static_weight"]
     assert not any("expert" in n for n in replicated + [n for n, _ in layer.named_buffers()])
-    assert [u.mask.dtype for u in layer.pad_linears()] == [torch.bool, torch.bool]
+    assert [u.mask.dtype for u in layer.pad_units()] == [torch.bool, torch.bool]
     assert isinstance(layer, MoE)
 
 

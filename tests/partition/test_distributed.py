@@ -154,7 +154,7 @@ def corrupt_run():
         train(engine, part, x, y, 0, 1, [])
         if rank == who:  # one entry of one copy changes on one rank only
             moe = model.moes[layer]
-            unit = moe.pad_linears()[1]
+            unit = moe.pad_units()[1]
             mask = moe.masks(unit)[-1]
             mask.view(-1)[3] = ~mask.view(-1)[3]
         try:

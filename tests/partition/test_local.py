@@ -42,7 +42,7 @@ def test_accumulated_scores_equal_autograd_gradient_wrt_the_mask_leaf():
     model = PToy(phi=0.4)
     with torch.no_grad():  # partial masks, so both the static and the dynamic term matter
         for layer in model.moes:
-            for unit in layer.pad_linears():
+            for unit in layer.pad_units():
                 for m in layer.masks(unit):
                     m.copy_(torch.rand(m.shape) < 0.6)
     x, y = data(3, 4, seed=1)
@@ -133,7 +133,7 @@ def test_partitioning_right_after_upcycling_raises_the_symmetry_trap_error():
     with pytest.raises(RuntimeError, match=r"every imp score is zero.*partition.perturb_std > 0"):
         Partitioner(model, before).run_before_training(model, [(x[0], y[0])],
                                                         lambda m, b: F.mse_loss(m(b[0])[0], b[1]))
-    assert all(bool(m.all()) for layer in model.moes for u in layer.pad_linears() for m in layer.masks(u))
+    assert all(bool(m.all()) for layer in model.moes for u in layer.pad_units() for m in layer.masks(u))
 
 
 def test_identical_experts_with_unequal_lambdas_carry_information():

@@ -24,7 +24,7 @@ class PToy(nn.Module):
                                       drop_tokens=False, top2_2nd_expert_sampling=False, mask_scope=scope)
             perturb_experts(layer, perturb, seed=seed + i)
             with torch.no_grad():
-                for unit in layer.pad_linears():
+                for unit in layer.pad_units():
                     unit.phi.fill_(phi)
             self.moes.append(layer)
         self.out = nn.Linear(H, 1)
@@ -55,7 +55,7 @@ def masks_by_expert(model: PToy) -> dict:
     """{mask key: bool tensor}; per-expert masks keyed by global expert id, so ranks can be merged."""
     out = {}
     for li, layer in enumerate(model.moes):
-        for unit in layer.pad_linears():
+        for unit in layer.pad_units():
             if unit.shared_mask:
                 out[f"{li}.{unit.name}"] = unit.mask.clone()
             else:
