@@ -200,12 +200,7 @@ def _json_default(o: Any) -> Any:
 
 def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1200.0) -> List[Any]:
     """Run ``fn(*args)`` on ``world`` real gloo ranks (one thread each); results in rank order."""
-    import sys
-
-    repo = str(Path(__file__).resolve().parents[1])
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    from tests.harness import run_ranks
+    from padnet_ds.testing import run_ranks
 
     return run_ranks(fn, world, *args, timeout=timeout)
 

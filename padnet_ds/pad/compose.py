@@ -86,7 +86,8 @@ class Composition:
 
     def kept(self) -> List[Tensor]:
         """The weight-sized tensors this composition holds for backward (and the unit's workspace)."""
-        return [t for t in (self.static, self.mdyn, self.static_mask, self.scaled_static, self.workspace) if t is not None]
+        held = (self.static, self.mdyn, self.static_mask, self.scaled_static, self.workspace)
+        return [t for t in held if t is not None]
 
     def compose(self, weight: Tensor) -> Tensor:
         """``S + Md * W_e`` in the shared workspace (valid until the next expert composes)."""

@@ -5,7 +5,7 @@ import pytest
 from padnet_ds.engine.config import ConfigError
 from padnet_ds.engine.study import parse_study_args
 from tests.engine.test_train import TINY, glue
-from tests.harness import run_ranks
+from padnet_ds.testing import run_ranks
 
 
 def study_in_ranks(out, extra):
@@ -31,7 +31,9 @@ def test_study_runs_every_arm_and_writes_table_results_and_plot(tmp_path, shared
 
 
 def test_study_settings_are_checked():
-    with pytest.raises(ConfigError, match=r"each must be in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"study.ratios\[1\]=1.5 must be in \(0, 1\]"):
         parse_study_args(["ratios=1.0,1.5"])
-    with pytest.raises(ConfigError, match="study settings"):
+    with pytest.raises(ConfigError, match="study.seeds\\[0\\]: expected an integer, got 'one'"):
         parse_study_args(["seeds=one"])
+    study, run = parse_study_args(["tasks=sst2,mrpc", "ratios=1.0,0.5", "seeds=3", "train.steps=4"])
+    assert (study.tasks, study.ratios, study.seeds, run) == (["sst2", "mrpc"], [1.0, 0.5], [3], ["train.steps=4"])

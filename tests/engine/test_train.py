@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from padnet_ds.engine.distributed import free_port
-from tests.harness import run_ranks
+from padnet_ds.testing import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.name=minilm", "model.random_init={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
