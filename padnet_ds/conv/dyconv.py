@@ -1,4 +1,4 @@
-"""PAD dynamic convolution (DY-Conv with a partially dynamic kernel), PAD_SPEC section 6.
+"""PAD dynamic convolution (DY-Conv with a partially dynamic kernel), docs/PAD.md section 6.
 
 Per sample ``x`` the layer convolves with
 

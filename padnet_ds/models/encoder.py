@@ -1,4 +1,4 @@
-"""Upcycling BERT-family Hugging Face encoders into PAD-MoE (PAD_SPEC section 3).
+"""Upcycling BERT-family Hugging Face encoders into PAD-MoE (docs/PAD.md section 3).
 
 A BERT layer computes its FFN as ``output(intermediate(a), a)`` with
 

@@ -18,7 +18,7 @@ replicated side:
     dL/dW_static = lambda_s (1-M) sum_e G_e          dL/dlambda_s = <(1-M) sum_e G_e, W_static>
     dL/dlambda_d = sum_e <G_e M, W_e>                dL/dM = lambda_d sum_e G_e W_e - lambda_s W_static sum_e G_e
 
-The last one is the IMP sensitivity (PAD_SPEC section 4). While a partitioner scores,
+The last one is the IMP sensitivity (docs/PAD.md section 4). While a partitioner scores,
 the mask enters the hub as a float leaf (:meth:`PADUnit.mask_view`) whose hook receives
 ``dL/dM``; the experts then also add ``G_e * W_e`` into a second per-layer sum (one
 in-place pass per expert), with no extra forward or backward pass.

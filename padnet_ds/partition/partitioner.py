@@ -1,4 +1,4 @@
-"""``Partitioner``: Iterative Mode Partition driven by the training loop (PAD_SPEC sections 4-5).
+"""``Partitioner``: Iterative Mode Partition driven by the training loop (docs/PAD.md sections 4-5).
 
 Training loop contract (``g`` counts completed optimizer steps)::
 
@@ -201,7 +201,7 @@ class Partitioner:
             raise RuntimeError(
                 f"partition step {t}: every {self.cfg.method} score is zero for {empty}, so there is no information "
                 f"to partition on. Right after upcycling every expert equals W_static and lambda_d = lambda_s = 1, "
-                f"so {what} = 0 for every entry (the symmetry trap, PAD_SPEC section 4). Fix the config: {fix}")
+                f"so {what} = 0 for every entry (the symmetry trap, docs/PAD.md section 4). Fix the config: {fix}")
 
     # -- ratios ---------------------------------------------------------------------------------
     def layer_ratios(self) -> Dict[str, float]:

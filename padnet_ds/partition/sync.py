@@ -1,4 +1,4 @@
-"""Rank synchronization of scores and masks (PAD_SPEC section 5).
+"""Rank synchronization of scores and masks (docs/PAD.md section 5).
 
 - Replicated masks: each rank's score already sums its local experts and tokens; an
   all-reduce SUM over the world gives the global score everywhere.

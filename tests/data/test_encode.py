@@ -20,7 +20,8 @@ def tokenizer():
 
 
 SINGLE = TextSplit(["a short one", "a much longer sentence with quite a few more words in it", "hi"], None, [1, 0, 1])
-PAIR = TextSplit(["The cat sat.", "A man is playing a flute."], ["A cat was sitting.", "Someone plays music."], [4.5, 2.0])
+PAIR = TextSplit(["The cat sat.", "A man is playing a flute."], ["A cat was sitting.", "Someone plays music."],
+                 [4.5, 2.0])
 
 
 def test_items_are_unpadded_and_truncated(tokenizer):

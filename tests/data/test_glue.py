@@ -276,7 +276,8 @@ def test_hub_missing_column_and_unreachable(tmp_path, offline_datasets):
     feats = {"text": offline_datasets.Value("string"), "label": offline_datasets.Value("int64")}
     write_hub_folder(offline_datasets, tmp_path / "hub", {"sst2": {
         "train": ({"text": ["a"], "label": [0]}, feats), "validation": ({"text": ["b"], "label": [1]}, feats)}})
-    with pytest.raises(ValueError, match=r"sst2/train: missing column\(s\) \['sentence'\]; columns found: \['text', 'label'\]"):
+    with pytest.raises(ValueError,
+                       match=r"sst2/train: missing column\(s\) \['sentence'\]; columns found: \['text', 'label'\]"):
         glue.load("sst2", hub_path=str(tmp_path / "hub"))
     with pytest.raises(RuntimeError, match=r"could not load GLUE cola.*glue_dir"):
         glue.load("cola", hub_path=str(tmp_path / "hub"))
