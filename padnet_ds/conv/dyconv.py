@@ -123,9 +123,6 @@ class PADDynamicConv2d(nn.Module):
     def dynamic_ratio(self) -> float:
         return float(self.pad.mask.float().mean())
 
-    def param_counts(self) -> Dict[str, float]:
-        return conv_param_counts(self)
-
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, "

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _env  # noqa: F401
-from ..comm import free_port, rank, world_size  # noqa: F401  (re-exported for the engine)
+from ..comm import free_port
 
 
 def accelerator_is_cpu() -> bool:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Sequence
 
+from ..comm import world_size
 from ..settings import ConfigError
 from .checkpoint_reader import resolve
 from .config import config_from_dict, merge, parse_overrides
-from .distributed import init_distributed, world_size
+from .distributed import init_distributed
 from .evaluate import evaluate
 from .setup import build_engine, seed_everything
 from .tasks import build_task

@@ -19,14 +19,14 @@ def eval_loader(task: Task, batch_size: int) -> DataLoader:
     n, world, r = len(task.eval_set), world_size(), rank()
     per_rank = math.ceil(n / world)
     idx = list(range(r, n, world))
-    flags = [True] * len(idx) + [False] * (per_rank - len(idx))
+    counted = [True] * len(idx) + [False] * (per_rank - len(idx))  # False: a repeated row, not scored
     idx += [idx[-1] if idx else 0] * (per_rank - len(idx))
-    rows = [(i, keep) for i, keep in zip(idx, flags)]
+    rows = list(zip(idx, counted))
 
     def collate(items):
         batch = task.collate([task.eval_set[i] for i, _ in items])
         batch["_index"] = torch.tensor([i for i, _ in items])
-        batch["_keep"] = torch.tensor([k for _, k in items])
+        batch["_counted"] = torch.tensor([c for _, c in items])
         return batch
 
     return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate,
@@ -39,11 +39,11 @@ def evaluate(engine, task: Task, batch_size: int) -> Dict[str, float]:
     engine.eval()
     preds: List[Any] = []
     for batch in eval_loader(task, batch_size):
-        index, keep = batch.pop("_index"), batch.pop("_keep")
+        index, counted = batch.pop("_index"), batch.pop("_counted")
         batch = task.prepare(batch, engine.device)
         p = task.predict(engine, batch).cpu()
         labels = batch["labels"].cpu()
-        preds += [(int(i), pv.item(), lv.item()) for i, pv, lv, k in zip(index, p, labels, keep) if k]
+        preds += [(int(i), pv.item(), lv.item()) for i, pv, lv, c in zip(index, p, labels, counted) if c]
     gathered: List[Any] = [None] * world_size()
     if dist_on():
         dist.all_gather_object(gathered, preds)

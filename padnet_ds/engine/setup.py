@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..comm import world_size
 from ..moe.layer import pad_moe_layers
 from ..settings import ConfigError
 from .config import RunConfig
-from .distributed import accelerator_is_cpu, world_size
+from .distributed import accelerator_is_cpu
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,3 @@ def build_engine(model: nn.Module, ds_config: Dict[str, Any], *, optimizer=None,
                                            dist_init_required=False)
     return engine
 
-
-def is_expert_param(p: torch.Tensor) -> bool:
-    return getattr(p, "allreduce", True) is False

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from padnet_ds.engine.distributed import world_size
+from padnet_ds.comm import world_size
 from padnet_ds.engine.setup import build_engine, check_ds_config
 from tests.distributed.toy import Toy, batches, ds_config, expert_state, replicated_state
 from padnet_ds.testing import run_ranks

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from padnet_ds.engine.distributed import free_port
+from padnet_ds.comm import free_port
 from padnet_ds.testing import deepspeed_shm_files, run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,6 +101,10 @@ def test_deepspeed_launcher_run_writes_summary_tensorboard_and_a_checkpoint_insp
     assert sorted(ckpt.experts) == [f"bert.encoder.layer.{i}.output.moe" for i in range(2)]
     assert all(sorted(by_id) == [0, 1, 2, 3] for by_id in ckpt.experts.values())
     assert not any(".deepspeed_experts." in k for k in ckpt.replicated)
+    files = {k: t for f in ckpt.tag_dir.glob("layer_*_expert_*_model_states.pt")
+             for k, t in torch.load(f, map_location="cpu", weights_only=False).items()}
+    merged = ckpt.expert_state_dict()  # back under DeepSpeed's key names, every global expert
+    assert set(merged) == set(files) and all(torch.equal(merged[k], files[k]) for k in files)
 
 
 def train_in_ranks(args):
