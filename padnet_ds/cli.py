@@ -65,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not _distributed():
             raise
         if peer_failed(err):
-            return _fail(f"stopped: another rank failed (its message is above or in its log): {_first_line(err)}",
+            return _fail(f"stopped: another rank failed (see that rank's message): {_first_line(err)}",
                          1, grace=PEER_GRACE_S)
         traceback.print_exc()
         return _fail(None, 1)

@@ -31,7 +31,8 @@ DEEPSPEED_GLOBALS = {
     "deepspeed.runtime.zero.config": ("ZeroStageEnum",),
     "deepspeed.utils.tensor_fragment": ("fragment_address",),
 }
-_REFUSED = re.compile(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", re.S)
+_UNPICKLER = re.compile(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", re.S)
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")  # torch's advice to allow-list it is not for users
 
 
 def _replace_from_temp(path: PathLike, write, mode: str) -> Path:
@@ -78,14 +79,14 @@ def safe_load(path: PathLike, map_location: Any = "cpu") -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
     except Exception as err:  # noqa: BLE001 - whatever torch says, the user needs the file's name
-        refused = _REFUSED.search(str(err))
-        if refused:  # the weights-only unpickler stopped at an object or opcode it does not allow
-            what = " ".join(refused.group(1).split())[:200]
+        refused = _GLOBAL.search(" ".join(str(err).split()))
+        if refused:  # the weights-only unpickler stopped at an object it does not allow (not a damaged file)
             raise CheckpointError(
-                f"checkpoint file {path} holds pickled content a checkpoint never contains ({what}): it was not "
-                "written by padnet-ds / DeepSpeed, or it was altered. It was not loaded (nothing in it ran); "
-                "use a checkpoint you trust") from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                f"checkpoint file {path} holds pickled content a checkpoint never contains (it references "
+                f"{refused.group(1)}): it was not written by padnet-ds / DeepSpeed, or it was altered. It was not "
+                "loaded (nothing in it ran); use a checkpoint you trust") from None
+        detail = _UNPICKLER.search(str(err))  # e.g. an opcode of random bytes
+        first = " ".join(detail.group(1).split()) if detail else (str(err).strip().splitlines() or [repr(err)])[0]
         raise CheckpointError(f"checkpoint file {path} is damaged or not a torch checkpoint ({first}); "
                               "resume from an earlier checkpoint or retrain") from None
 

@@ -212,3 +212,63 @@ def test_a_crafted_pickle_with_a_forged_manifest_is_refused_on_resume_and_in_ins
     with pytest.raises(CheckpointError, match=f"{tag}/layer_1_expert_2_mp_rank_00_model_states.pt holds pickled"):
         inspect_checkpoint(str(out))
     assert not marker.exists(), "the crafted payload ran"
+
+
+def deepspeed_cmd(port, *args):
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port", str(port),
+            "--module", "padnet_ds.cli", *args]
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_rank_under_the_deepspeed_launcher_ends_the_job_cleanly_and_the_folder_resumes(tmp_path):
+    import psutil
+
+    from padnet_ds.testing import deepspeed_shm_files
+
+    out, port, log = tmp_path / "run", free_port(), tmp_path / "launcher.log"
+    train = ["train", "configs/smoke.yaml", f"output_dir={out}", *RUN, "train.steps=400"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(deepspeed_cmd(port, *train), cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    wait_for(lambda: len(complete_tags(out / "checkpoints")) >= 2, [launcher], tmp_path, timeout=600)
+    tree = psutil.Process(launcher.pid).children(recursive=True)
+    rank1 = [p for p in tree if "--local_rank=1" in " ".join(p.cmdline())]
+    assert len(rank1) == 1, [p.cmdline() for p in tree]
+    rank1[0].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    rc = launcher.wait(timeout=120)
+    assert rc != 0 and time.monotonic() - t0 < 30, (rc, log.read_text()[-3000:])
+    alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"processes of the job left running: {[p.cmdline() for p in alive]}"
+    assert deepspeed_shm_files(port) == []
+    last = complete_tags(out / "checkpoints")[-1]
+
+    port = free_port()
+    res = subprocess.run(deepspeed_cmd(port, *train, "resume=true", f"train.stop_at={int(last[4:]) + 4}"), cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"resumed from {last}" in res.stdout + res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [h["step"] for h in summary["history"]] == list(range(1, int(last[4:]) + 5))
+    assert deepspeed_shm_files(port) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "padnet_rng_rank1.pt",
+                                  "padnet_partition_rank1.pt", "layer_0_expert_3_mp_rank_00_model_states.pt"])
+def test_a_crafted_file_that_only_rank_1_reads_ends_the_job_with_rank_1s_message(reference, tmp_path, name):
+    ref_out, _ = reference
+    out, marker, port = tmp_path / "run", tmp_path / "payload-ran", free_port()
+    shutil.copytree(ref_out, out)
+    forge(out / "checkpoints" / "step6", name, marker)
+    t0 = time.monotonic()
+    res = subprocess.run(deepspeed_cmd(port, "train", "configs/smoke.yaml", f"output_dir={out}", *RUN, "resume=true"),
+                         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=600)
+    text = res.stdout + res.stderr
+    assert res.returncode == 2, text[-4000:]
+    assert f"padnet-ds (rank 1): error: checkpoint file {out}/checkpoints/step6/{name} holds pickled" in text
+    assert "Traceback" not in text, text[-4000:]
+    assert "(rank 0): error" not in text
+    assert not marker.exists()
+    assert time.monotonic() - t0 < 300
