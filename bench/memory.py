@@ -1,4 +1,5 @@
-"""Training memory per rank: DeepSpeed's stock MoE (fully dynamic) against PAD at dynamic ratios 1.0, 0.5, 0.3.
+"""Training memory per rank: DeepSpeed's stock MoE (fully dynamic) against PAD at dynamic ratios 1.0, 0.5, 0.3,
+dense and packed.
 
     python -m bench.memory [--quick] [--shapes h256,h768] [--out bench/results/memory.json]
 
@@ -24,10 +25,14 @@ during one training forward of the MoE layer, captured with
 composition terms (``S``, ``Md``, ``1 - M``, kept on the hub node's context) and the weight-sized
 workspace each PAD unit keeps.
 
-``memory_ratio_rXX`` = PAD at ratio XX / stock MoE, model states per rank (training memory; PAD
-trains with dense static weights and full expert tensors, so this is >= 1 and the same for every
-ratio). ``deployment_ratio_rXX`` is the packed storage ``(1-r)P + rEP`` over ``EP`` from
-``padnet_ds.pad.accounting.pad_counts`` (expert weights only; biases and gate excluded).
+``memory_ratio_rXX`` = PAD at ratio XX / stock MoE, model states per rank (training memory; dense
+PAD trains with dense static weights and full expert tensors, so this is >= 1 and the same for
+every ratio). ``memory_ratio_packed_rXX``: the same layer packed (``PADMoE.pack``: each expert
+holds only its values at the mask's dynamic positions, the static weight only where the mask is
+0, int32 positions once per layer); ``packed_dense_static`` keeps the whole static weight (the
+alternative the packed layout was chosen against). ``deployment_ratio_rXX`` is the packed storage
+``(1-r)P + rEP`` over ``EP`` from ``padnet_ds.pad.accounting.pad_counts`` (expert weights only;
+biases and gate excluded).
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ from typing import Any, Dict, List
 from . import common
 
 RATIOS = (1.0, 0.5, 0.3)
+PACKED_RATIOS = (0.5, 0.3)
+PACKED_KINDS = ("packed", "packed_dense_static")
 
 
 def _storage(t) -> tuple:
@@ -116,6 +123,7 @@ def saved_activation_bytes(fn, exclude_ptrs: set) -> int:
     import torch
 
     from padnet_ds.pad.compose import Composition
+    from padnet_ds.pad.packed import PackedComposition
 
     storages: Dict[int, int] = {}
 
@@ -130,18 +138,22 @@ def saved_activation_bytes(fn, exclude_ptrs: set) -> int:
         return t
 
     built = []
-    original = Composition.__init__
+    originals = {cls: cls.__init__ for cls in (Composition, PackedComposition)}
 
-    def recording_init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        built.append(self)
+    def recording(original):
+        def init(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            built.append(self)
+        return init
 
-    Composition.__init__ = recording_init
+    for cls, original in originals.items():
+        cls.__init__ = recording(original)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = fn()
     finally:
-        Composition.__init__ = original
+        for cls, original in originals.items():
+            cls.__init__ = original
     for comp in built:
         for t in comp.kept():
             add(t)
@@ -165,11 +177,10 @@ def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
         h, f = shape["hidden"], shape["ffn"]
         x = torch.randn(shape["batch"], shape["seq"], h, requires_grad=True)
         res[s] = {}
-        for variant in ["moe"] + [f"pad_r{r}" for r in cfg["ratios"]]:
-            if variant == "moe":
-                model = make_models(h, f, 2, variants=("moe",))["moe"]
-            else:
-                model = make_models(h, f, 2, variants=("pad",), ratio=float(variant[5:]))["pad"]
+        variants = [("moe", "moe", 1.0)] + [(f"pad_r{r}", "pad", r) for r in cfg["ratios"]]
+        variants += [(f"{kind}_r{r}", kind, r) for kind in PACKED_KINDS for r in cfg["packed_ratios"]]
+        for variant, kind, ratio in variants:
+            model = make_models(h, f, 2, variants=(kind,), ratio=ratio)[kind]
             engine = build_engine(model, ds_config(shape["batch"]), optimizer=adamw)
             train_step(engine, x)
             y, aux = engine(x)
@@ -193,7 +204,7 @@ def main(argv=None) -> Dict[str, Any]:
     common.add_shape_args(ap, threads=False)
     args = ap.parse_args(argv)
     shapes = common.chosen_shapes(args)
-    cfg = dict(shapes=shapes, ratios=RATIOS)
+    cfg = dict(shapes=shapes, ratios=RATIOS, packed_ratios=PACKED_RATIOS)
     per_rank = common.spawn(_rank, 2, cfg)
     from padnet_ds.pad.accounting import pad_counts
 
@@ -229,7 +240,12 @@ def main(argv=None) -> Dict[str, Any]:
                   memory_ratio_r10=first["variants"]["pad_r1.0"]["memory_ratio"],
                   memory_ratio_r05=first["variants"]["pad_r0.5"]["memory_ratio"],
                   memory_ratio_r03=first["variants"]["pad_r0.3"]["memory_ratio"],
+                  memory_ratio_packed_r05=first["variants"]["packed_r0.5"]["memory_ratio"],
+                  memory_ratio_packed_r03=first["variants"]["packed_r0.3"]["memory_ratio"],
+                  memory_ratio_packed_dense_static_r05=first["variants"]["packed_dense_static_r0.5"]["memory_ratio"],
+                  memory_ratio_packed_dense_static_r03=first["variants"]["packed_dense_static_r0.3"]["memory_ratio"],
                   activation_ratio_r05=first["variants"]["pad_r0.5"]["activation_ratio"],
+                  activation_ratio_packed_r05=first["variants"]["packed_r0.5"]["activation_ratio"],
                   deployment_ratio_r05=first["deployment_ratio"]["0.5"],
                   deployment_ratio_r03=first["deployment_ratio"]["0.3"],
                   memory_ratio_per_shape={s: {v: e["memory_ratio"] for v, e in r["variants"].items()}
@@ -238,7 +254,11 @@ def main(argv=None) -> Dict[str, Any]:
                                               for s, r in res.items()})
     out = common.write_json(args.out, result)
     print(f"\nmemory_ratio r0.5 = {result['memory_ratio_r05']:.3f}, r0.3 = {result['memory_ratio_r03']:.3f} (training, "
-          f"{shapes[0]}); deployment r0.5 = {result['deployment_ratio_r05']:.3f}, r0.3 = "
+          f"{shapes[0]}); packed r0.5 = {result['memory_ratio_packed_r05']:.3f}, r0.3 = "
+          f"{result['memory_ratio_packed_r03']:.3f} (goal <= 0.62 / 0.45; dense static weight: "
+          f"{result['memory_ratio_packed_dense_static_r05']:.3f} / "
+          f"{result['memory_ratio_packed_dense_static_r03']:.3f}); "
+          f"deployment r0.5 = {result['deployment_ratio_r05']:.3f}, r0.3 = "
           f"{result['deployment_ratio_r03']:.3f}; wrote {out}")
     return result
 
