@@ -330,6 +330,14 @@ class PADUnit(nn.Module):
             self.__dict__["_workspace"] = ws
         return ws
 
+    def scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat scratch tensor of at least ``numel`` entries kept across steps (as :meth:`workspace`)."""
+        buf = self.__dict__.get("_scratch")
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self.__dict__["_scratch"] = buf
+        return buf
+
     def extra_repr(self) -> str:
         return f"{self.name!r}, shape={tuple(self.weight_shape)}, lambda_mode={self.lambda_mode!r}, " \
                f"mask={'shared' if self.shared_mask else 'per-expert'}"

@@ -68,11 +68,12 @@ def complement_of(positions: Tensor, numel: int) -> Tensor:
     Dynamic entry i has ``idx_i - i`` static entries before it, so the k-th static entry sits
     at ``k + #{i: idx_i - i <= k}``: one bincount and one cumsum, no pass over a mask.
     """
-    idx = positions.long()
-    n_static = numel - idx.numel()
-    ranks = idx - torch.arange(idx.numel(), device=idx.device)
+    n = positions.numel()
+    n_static = numel - n
+    # in the positions' own dtype: int32 arithmetic is cheaper, bincount counts in int64 anyway
+    ranks = positions - torch.arange(n, dtype=positions.dtype, device=positions.device)
     before = torch.bincount(ranks, minlength=n_static + 1)[:n_static]
-    return before.cumsum_(0).add_(torch.arange(n_static, device=idx.device))
+    return before.cumsum_(0).add_(torch.arange(n_static, device=positions.device))
 
 
 def gather_at(weight: Tensor, positions: Tensor, batch_dims: int = 0) -> Tensor:
@@ -128,8 +129,10 @@ class PackedComposition:
         self.static = static
         self.dyn = positions.long()  # [n]; scatter_ takes int64 (and int64 gathers are faster)
         # [P - n] where the static weight is packed; None: it is dense (per-expert masks)
-        self.static_pos = complement_of(self.dyn, unit.weight_shape.numel()) if unit.static_packed else None
+        self.static_pos = complement_of(positions, unit.weight_shape.numel()) if unit.static_packed else None
         self.workspace = unit.workspace(static.dtype, static.device)
+        self.scaled = unit.scratch(max(self.dyn.numel(), static.numel() if unit.static_packed else 0), static.dtype,
+                                   static.device)  # lambda * values before they are scattered
         self.single_use = single_use
         grad = torch.is_grad_enabled()
         self.sum_needed = grad and (static.requires_grad or lam_s.requires_grad)
@@ -144,8 +147,8 @@ class PackedComposition:
         self.token = _PackedHub.apply(static, lam_d, lam_s, self) if hub_needed else None
 
     def kept(self) -> List[Tensor]:
-        """The tensors this composition holds for backward (and the unit's workspace)."""
-        return [t for t in (self.dyn, self.static_pos, self.workspace) if t is not None]
+        """The tensors this composition holds for backward (and the unit's workspace and scratch)."""
+        return [t for t in (self.dyn, self.static_pos, self.workspace, self.scaled) if t is not None]
 
     @torch.no_grad()
     def _write_static(self) -> None:
@@ -153,14 +156,15 @@ class PackedComposition:
         if self.static_pos is None:
             torch.mul(self.static.view(-1), self.lam_s, out=flat)
         else:
-            flat.scatter_(0, self.static_pos, self.static * self.lam_s)
+            flat.scatter_(0, self.static_pos, torch.mul(self.static, self.lam_s, out=self.scaled[:self.static.numel()]))
 
     @torch.no_grad()
     def compose(self, values: Tensor) -> Tensor:
         """``S + scatter_idx(lambda_d v_e)`` in the shared workspace (valid until the next expert composes)."""
         if self.static_pos is None:  # dense static: rewrite the entries the last expert overwrote
             self._write_static()
-        self.workspace.view(-1).scatter_(0, self.dyn, values * self.lam_d)
+        scaled = torch.mul(values, self.lam_d, out=self.scaled[:values.numel()])
+        self.workspace.view(-1).scatter_(0, self.dyn, scaled)
         return self.workspace
 
     def linear(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
