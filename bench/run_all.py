@@ -97,6 +97,7 @@ def main(argv=None) -> Dict[str, Any]:
         memory_ratio_r03=number(mem, "memory_ratio_r03"),
         memory_ratio_packed_r05=number(mem, "memory_ratio_packed_r05"),
         memory_ratio_packed_r03=number(mem, "memory_ratio_packed_r03"),
+        checkpoint_bytes_ratio_packed_r05=number(mem, "checkpoint_bytes_ratio_packed_r05"),
         step_ratio_packed_vs_deepspeed_moe=number(ms, "step_ratio_packed_vs_deepspeed_moe"),
         step_ratio_packed_per_shape=(ms or {}).get("step_ratio_packed_per_shape"),
         activation_ratio_r05=number(mem, "activation_ratio_r05"),

@@ -79,7 +79,7 @@ def test_memory_quick(tmp_path):
     memory.main(["--quick", "--out", str(out)])
     data = _load(out)
     _check(data, "memory_ratio_r05", "memory_ratio_r03", "deployment_ratio_r05", "activation_ratio_r05",
-           "memory_ratio_packed_r05", "memory_ratio_packed_r03")
+           "memory_ratio_packed_r05", "memory_ratio_packed_r03", "checkpoint_bytes_ratio_packed_r05")
     assert data["memory_ratio_r05"] >= 1.0 and data["deployment_ratio_r05"] < 1.0
     # packed: the experts' share shrinks with the ratio, so r=0.3 holds less than r=0.5 holds less than dense
     assert data["memory_ratio_packed_r03"] < data["memory_ratio_packed_r05"] < data["memory_ratio_r05"]
@@ -104,6 +104,7 @@ def test_run_all_quick(tmp_path):
     assert data == json.loads(json.dumps(summary, default=str))
     keys = ["step_ratio_vs_deepspeed_moe", "layer_ratio_vs_authors", "memory_ratio_r05", "memory_ratio_r03",
             "memory_ratio_packed_r05", "memory_ratio_packed_r03", "step_ratio_packed_vs_deepspeed_moe",
+            "checkpoint_bytes_ratio_packed_r05",
             "gemm_efficiency", "weak_scaling", "dyconv_ratio"]
     for key in keys:
         assert finite(data[key]), f"{key}={data[key]!r}"
