@@ -54,10 +54,13 @@ study: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run_all $(ARGS)
 
+# ruff (pyproject.toml's [tool.ruff]) first: a lint error fails the test command before pytest starts.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 test-all: $(STAMP) system-deps
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "" $(ARGS)
 
 # System packages: Open MPI (mpirun + mpi4py's libmpi) and pdsh for the launcher tests (Debian/Ubuntu, root or

@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
-# The two MoE shapes of the issue (PAD_SPEC section 9). Tokens are per rank; with E=8, k=2,
+# The two MoE shapes of the issue (docs/PAD.md section 8). Tokens are per rank; with E=8, k=2,
 # capacity factor 1.25 and ep_size 2 a local expert sees 2 * tokens * k / E * 1.25 rows.
 SHAPES: Dict[str, Dict[str, int]] = {
     "h256": dict(hidden=256, ffn=1024, batch=8, seq=128),
     # BERT-base FFN with "as many tokens as fit": micro-batch 8 at BERT's full 512-token sequence
     # (2560 rows per local expert; a step takes a few seconds on one CPU core per rank).
     "h768": dict(hidden=768, ffn=3072, batch=8, seq=512),
-    # BERT-base FFN with few tokens (320 rows per local expert, PAD_SPEC section 9's reference
+    # BERT-base FFN with few tokens (320 rows per local expert, docs/PAD.md section 8's reference
     # shape): the weight-sized composition weighs most against the GEMMs here.
     "h768s": dict(hidden=768, ffn=3072, batch=4, seq=128),
 }
@@ -200,12 +200,7 @@ def _json_default(o: Any) -> Any:
 
 def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1200.0) -> List[Any]:
     """Run ``fn(*args)`` on ``world`` real gloo ranks (one thread each); results in rank order."""
-    import sys
-
-    repo = str(Path(__file__).resolve().parents[1])
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    from tests.harness import run_ranks
+    from padnet_ds.testing import run_ranks
 
     return run_ranks(fn, world, *args, timeout=timeout)
 

@@ -105,19 +105,22 @@ def main(argv=None) -> Dict[str, Any]:
         res[s] = dict(median_s=med, rows_per_local_expert=rows, gflop=gflop,
                       gemm_efficiency=med["matmul"] / med["composed"], linear_efficiency=med["matmul"] / med["linear"],
                       gflops={n: gflop / t for n, t in med.items()})
-        print(f"\n[{s}] {LOCAL_EXPERTS} local experts x 2 linears ({shape['hidden']}<->{shape['ffn']}), {rows} rows each, "
+        print(f"\n[{s}] {LOCAL_EXPERTS} local experts x 2 linears ({shape['hidden']}<->{shape['ffn']}), "
+              f"{rows} rows each, "
               f"fwd+bwd, {torch.get_num_threads()} thread(s); median of {reps} after {warm} warm-up")
         print(common.table(["variant", "ms", "GFLOP/s", "matmul/this"],
                            [[n, t * 1e3, gflop / t, med["matmul"] / t] for n, t in med.items()]))
     first = shapes[0]
     result = dict(config=dict(shapes=shapes, warmup=warm, reps=reps, threads=torch.get_num_threads(),
                               local_experts=LOCAL_EXPERTS),
-                  shapes={s: dict(common.SHAPES[s], rows_per_local_expert=res[s]["rows_per_local_expert"]) for s in shapes},
+                  shapes={s: dict(common.SHAPES[s], rows_per_local_expert=res[s]["rows_per_local_expert"])
+                          for s in shapes},
                   machine=common.machine(), quick=args.quick, results=res,
                   gemm_efficiency=res[first]["gemm_efficiency"],
                   gemm_efficiency_per_shape={s: r["gemm_efficiency"] for s, r in res.items()})
     out = common.write_json(args.out, result)
-    print("\n" + ", ".join(f"{s}: gemm_efficiency = {r['gemm_efficiency']:.3f}" for s, r in res.items()) + f"; wrote {out}")
+    print("\n" + ", ".join(f"{s}: gemm_efficiency = {r['gemm_efficiency']:.3f}" for s, r in res.items())
+          + f"; wrote {out}")
     return result
 
 

@@ -211,7 +211,7 @@ def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
             engine.step()
             param_ptrs = {_storage(p)[0] for p in engine.module.parameters()}
             param_ptrs |= {_storage(t)[0] for t in getattr(engine.optimizer, "bit16_groups_flat", [])}
-            act = saved_activation_bytes(lambda: engine(x), param_ptrs)
+            act = saved_activation_bytes(lambda engine=engine: engine(x), param_ptrs)
             layer = engine.module.moe
             dyn = layer.dynamic_ratio() if hasattr(layer, "dynamic_ratio") else 1.0
             res[s][variant] = dict(model_states_bytes=states, activation_bytes=act, dynamic_ratio=dyn,

@@ -168,7 +168,7 @@ def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
                   "experts_pad": experts_pass(local["pad"].moe, rows, h, 2),
                   "experts_moe": experts_pass(local["moe"].moe, rows, h, 2)}
 
-        def clock(fn):
+        def clock(fn, extras=extras):
             if fn in extras.values():
                 return common.timed(fn)
             return fn()
@@ -243,7 +243,8 @@ def main(argv=None) -> Dict[str, Any]:
         shape = common.SHAPES[s]
         print(f"\n[{s}] hidden {shape['hidden']} / FFN {shape['ffn']}, {common.tokens(shape)} tokens per rank "
               f"({shape['batch']}x{shape['seq']}), {r['rows_per_local_expert']} rows per local expert")
-        rows = [[v, m["total"] * 1e3, m["fwd"] * 1e3, m["bwd"] * 1e3, m["step"] * 1e3, m["total"] / r["median_s"]["moe"]["total"]]
+        rows = [[v, m["total"] * 1e3, m["fwd"] * 1e3, m["bwd"] * 1e3, m["step"] * 1e3,
+                 m["total"] / r["median_s"]["moe"]["total"]]
                 for v, m in r["median_s"].items()]
         print(common.table(["variant", "step ms", "fwd ms", "bwd ms", "opt ms", "vs moe"], rows))
         print(common.table(["per-rank op", "ms"], [[k, v * 1e3] for k, v in r["per_rank_ops_median_s"].items()]))

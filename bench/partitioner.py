@@ -12,7 +12,8 @@ matters: two engines built side by side differed by up to 5% in their GEMM time 
 (scoring, paid on every step of a scoring window, plus the partition step amortized over its
 window). Timed in process CPU time, with glibc told to keep freed blocks (``common.tune_malloc``):
 otherwise DeepSpeed's gradient copies page-fault by a varying amount per step and the on/off
-difference of its ``copy_`` alone swung by +-200 ms at h768s in either direction. Run: ``python -m bench.partitioner [--shapes h256,h768s] [--reps STEPS] [--out FILE]``
+difference of its ``copy_`` alone swung by +-200 ms at h768s in either direction. Run:
+``python -m bench.partitioner [--shapes h256,h768s] [--reps STEPS] [--out FILE]``
 (measured steps per variant: 60 after 8 discarded; ``--quick``: 12 after 3, interval 3).
 """
 from __future__ import annotations

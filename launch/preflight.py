@@ -45,7 +45,8 @@ def parse_hostfile(path: str) -> Tuple[List[Tuple[str, int]], List[Problem]]:
         with open(path) as f:
             lines = f.readlines()
     except OSError as e:
-        return [], [(f"hostfile {path} cannot be read: {e.strerror}", "pass an existing file: one line per node, 'hostname slots=N'")]
+        return [], [(f"hostfile {path} cannot be read: {e.strerror}",
+                     "pass an existing file: one line per node, 'hostname slots=N'")]
     for n, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -172,8 +173,8 @@ def check(args) -> List[Problem]:
         if not shutil.which("mpirun"):
             problems.append(("mpirun not found on PATH (the mpirun launcher needs Open MPI)",
                              "install Open MPI (Debian/Ubuntu: scripts/install-system-deps.sh, i.e. apt-get install "
-                             "openmpi-bin libopenmpi-dev), or load your cluster's MPI module; or use launch/torchrun.sh "
-                             "or launch/deepspeed.sh instead"))
+                             "openmpi-bin libopenmpi-dev), or load your cluster's MPI module; or use "
+                             "launch/torchrun.sh or launch/deepspeed.sh instead"))
         else:
             problems += check_mpi4py(args.timeout)
     elif launcher == "deepspeed":
@@ -189,7 +190,8 @@ def check(args) -> List[Problem]:
                 problems.append((f"{need} not found on PATH: the deepspeed launcher reaches the {len(hosts)} hosts of "
                                  f"{args.hostfile} through {transport}",
                                  f"install it (Debian/Ubuntu: apt-get install {pkg}; scripts/install-system-deps.sh), "
-                                 "or start one launcher per node with launch/deepspeed-node.sh (--no_ssh, no pdsh needed)"))
+                                 "or start one launcher per node with launch/deepspeed-node.sh (--no_ssh, no pdsh "
+                                 "needed)"))
     elif launcher == "torchrun":
         if importlib.util.find_spec("torch") is None and not find_tool("torchrun"):
             problems.append(("torch is not importable by this python, so torchrun cannot start",
@@ -232,7 +234,8 @@ def check(args) -> List[Problem]:
                 problems.append((f"master port {args.master_port} on {addr} is busy ({why}): another job or a "
                                  "leftover process is listening there",
                                  f"pick another port (MASTER_PORT / --master_port), e.g. a free one now: "
-                                 f"{free_port_hint()}; or stop the process holding it (ss -ltnp 'sport = :{args.master_port}')"))
+                                 f"{free_port_hint()}; or stop the process holding it "
+                                 f"(ss -ltnp 'sport = :{args.master_port}')"))
     if args.master_port is not None and not (1 <= args.master_port <= 65535):
         problems.append((f"master port {args.master_port} is out of range", "use a port between 1024 and 65535"))
 
@@ -247,13 +250,15 @@ def check(args) -> List[Problem]:
             missing = [i for i in val.split(",") if i and i not in names]
             if missing:
                 problems.append((f"{var}={val}: this machine has no interface {', '.join(missing)}",
-                                 f"set {var} to one of: {', '.join(sorted(names))} (lo on a single machine), or unset it"))
+                                 f"set {var} to one of: {', '.join(sorted(names))} (lo on a single machine), "
+                                 "or unset it"))
     return problems
 
 
 def check_mpi4py(timeout: float) -> List[Problem]:
     """mpi4py importable and its MPI library loadable (without MPI_Init, in a child process)."""
-    code = "import mpi4py, sys; mpi4py.rc.initialize = False; from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])"
+    code = ("import mpi4py, sys; mpi4py.rc.initialize = False; from mpi4py import MPI; "
+            "print(MPI.Get_library_version().splitlines()[0])")
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=max(timeout, 10))
     except subprocess.TimeoutExpired:

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from .engine.config import ConfigError
+    from .settings import ConfigError
 
     try:
         if args.command == "train":
@@ -53,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _train(args) -> int:
     from .engine.config import load_config
-    from .engine.distributed import rank
+    from .comm import rank
     from .engine.trainer import train
 
     cfg = load_config(args.config, args.overrides)
@@ -68,8 +68,8 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .engine.distributed import rank
-    from .engine.evaluate import evaluate_run
+    from .comm import rank
+    from .engine.eval_checkpoint import evaluate_run
 
     metrics = evaluate_run(args.checkpoint, args.overrides)
     if rank() == 0:
@@ -78,7 +78,7 @@ def _eval(args) -> int:
 
 
 def _study(args) -> int:
-    from .engine.distributed import rank
+    from .comm import rank
     from .engine.study import run_study
 
     result = run_study(args.config, args.overrides)

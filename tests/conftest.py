@@ -14,3 +14,12 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} not found (set PADNET_SHARED)")
     return path
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """Two real gloo ranks kept for the module's tests (padnet_ds.testing.RankPool); restarted after a failure."""
+    from padnet_ds.testing import RankPool
+
+    with RankPool(2) as ranks:
+        yield ranks

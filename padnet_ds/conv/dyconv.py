@@ -1,4 +1,4 @@
-"""PAD dynamic convolution (DY-Conv with a partially dynamic kernel), PAD_SPEC section 6.
+"""PAD dynamic convolution (DY-Conv with a partially dynamic kernel), docs/PAD.md section 6.
 
 Per sample ``x`` the layer convolves with
 
@@ -174,9 +174,6 @@ class PADDynamicConv2d(nn.Module, Packable):
         if self.packed:
             return self.pad.positions.numel() / self.pad.weight_shape.numel()
         return float(self.pad.mask.float().mean())
-
-    def param_counts(self) -> Dict[str, float]:
-        return conv_param_counts(self)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -1,6 +1,9 @@
 """Data for PAD-Net runs. Text classification: `load_text_task` (GLUE, local files, Rotten
-Tomatoes), `compute_metrics`, and `encode.EncodedTextDataset` + `encode.collate` for model inputs."""
-from .text import TaskSpec, TextDataConfig, TextSplit, load_text_task
+Tomatoes), `compute_metrics`, and `encode.EncodedTextDataset` + `encode.pad_to_length` for model inputs;
+images for the DY-Conv ResNets in `images`."""
+from .config import TextDataConfig
+from .splits import TaskSpec, TextSplit
+from .text import load_text_task
 
 __all__ = ["TaskSpec", "TextDataConfig", "TextSplit", "compute_metrics", "load_text_task"]
 

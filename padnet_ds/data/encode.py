@@ -1,14 +1,13 @@
-"""Text to model inputs: tokenize once up front, pad per batch (batches then pad only to
-their own longest row, not to max_length)."""
+"""Text to model inputs: tokenize once up front, pad per batch (a batch pads only to its own
+longest row, rounded up to a multiple of 8, not to max_length)."""
 from __future__ import annotations
 
-from functools import partial
+from typing import Any, Dict, List
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from .text import TextSplit
+from .splits import TextSplit
 
 KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -23,7 +22,6 @@ class EncodedTextDataset(Dataset):
         if regression is None:  # STS-B style splits carry float labels, classification int ids
             regression = any(isinstance(y, float) for y in split.labels)
         self.labels = torch.tensor(split.labels, dtype=torch.float32 if regression else torch.long)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -33,16 +31,24 @@ class EncodedTextDataset(Dataset):
         item["labels"] = self.labels[i]
         return item
 
-    @property
-    def collate_fn(self):
-        """`collate` padding input_ids with this tokenizer's pad id."""
-        return partial(collate, pad_id=self.pad_id)
 
+def pad_to_length(items: List[Dict[str, Any]], length: int, pad_id: int) -> Dict[str, torch.Tensor]:
+    """Stack ``items`` padded to the batch's longest row rounded up to a multiple of 8, at most ``length``.
 
-def collate(batch, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad a list of items to the batch's longest row. Padded positions have attention_mask 0, so
-    the pad id only matters to models that read it (the default 0 is BERT's)."""
-    out = {k: pad_sequence([b[k] for b in batch], batch_first=True, padding_value=pad_id if k == "input_ids" else 0)
-           for k in KEYS if k in batch[0]}
-    out["labels"] = torch.stack([b["labels"] for b in batch])
+    Padded positions have attention_mask 0 (and token_type_ids 0), so ``pad_id`` only matters to
+    models that read it.
+    """
+    longest = max(len(it["input_ids"]) for it in items)
+    length = min(length, -(-longest // 8) * 8)
+    out: Dict[str, torch.Tensor] = {}
+    for key in items[0]:
+        if key == "labels":
+            out["labels"] = torch.stack([torch.as_tensor(it["labels"]) for it in items])
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        rows = torch.full((len(items), length), fill, dtype=torch.long)  # [batch, length]
+        for i, it in enumerate(items):
+            seq = torch.as_tensor(it[key], dtype=torch.long)[:length]
+            rows[i, :len(seq)] = seq
+        out[key] = rows
     return out

@@ -9,7 +9,7 @@ import csv
 import os
 from dataclasses import dataclass
 
-from .text import TaskSpec, TextSplit
+from .splits import TaskSpec, TextSplit
 
 _BINARY = {"0": 0, "1": 1}
 _NLI3 = {"entailment": 0, "neutral": 1, "contradiction": 2}  # HF glue's mnli ids

@@ -10,7 +10,7 @@ import csv
 import importlib.util
 import os
 
-from .text import TaskSpec, TextSplit, holdout
+from .splits import TaskSpec, TextSplit, holdout
 
 LABELS = ("rotten", "fresh")  # ids 0, 1
 # The "full" corpus holds every review sentence (12,808); the other file keeps only movies

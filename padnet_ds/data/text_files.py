@@ -11,7 +11,8 @@ import json
 import os
 from typing import NamedTuple
 
-from .text import TaskSpec, TextDataConfig, TextSplit, holdout
+from .config import TextDataConfig
+from .splits import TaskSpec, TextSplit, holdout
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 
@@ -28,8 +29,6 @@ def load(cfg: TextDataConfig) -> tuple[TaskSpec, TextSplit, TextSplit]:
     if cfg.train_file is None:
         raise ValueError("source 'files' needs train_file (a .csv, .tsv or .jsonl file); "
                          "eval_file is optional")
-    if not 1 <= len(cfg.text_columns) <= 2:
-        raise ValueError(f"text_columns must name one or two columns, got {list(cfg.text_columns)}")
     train_raw = read_rows(cfg.train_file, cfg.text_columns, cfg.label_column)
     eval_raw = None if cfg.eval_file is None else read_rows(cfg.eval_file, cfg.text_columns, cfg.label_column)
 

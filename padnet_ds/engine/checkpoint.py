@@ -3,7 +3,8 @@ plus what it leaves out: each rank's RNG state, the partitioner's state, the loo
 
 Masks are module buffers, so DeepSpeed saves them (shared masks with the replicated
 weights, per-expert masks in the per-expert files). Old checkpoints are pruned only after a
-new one is complete, and never the one ``latest`` names.
+new one is complete, and never the one ``latest`` names. Reading a checkpoint without a
+process group (inspect, export) is ``checkpoint_reader.py``'s job.
 """
 from __future__ import annotations
 
@@ -14,12 +15,19 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .distributed import rank
+from ..comm import barrier, rank
+from ..files import atomic_torch_save
 from .run_dir import RunDir
+from .state import LoopState
 
 TAG_PREFIX = "step"
+CLIENT_KEY = "padnet"  # the loop state's key in DeepSpeed's client state
+RNG_FILE = "padnet_rng_rank{}.pt"
+
+
+def tag_of(step: int) -> str:
+    return f"{TAG_PREFIX}{step}"
 
 
 def rng_state() -> Dict[str, Any]:
@@ -37,19 +45,16 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, partitioner, run_dir: RunDir, step: int, loop_state: Dict[str, Any], keep: int) -> str:
-    tag = f"{TAG_PREFIX}{step}"
+def save(engine, partitioner, run_dir: RunDir, state: LoopState, keep: int) -> str:
+    """Collective: every rank writes its files, then rank 0 prunes old tags. Returns the tag."""
+    tag = tag_of(state.step)
     ckpt = run_dir.checkpoints
     # RNG first: DeepSpeed writes `latest` last, so a crash mid-save never points at a partial tag.
-    (ckpt / tag).mkdir(parents=True, exist_ok=True)
-    tmp = ckpt / tag / f".padnet_rng_rank{rank()}.pt.tmp"
-    torch.save(rng_state(), tmp)
-    tmp.replace(ckpt / tag / f"padnet_rng_rank{rank()}.pt")
+    atomic_torch_save(rng_state(), ckpt / tag / RNG_FILE.format(rank()))
     if partitioner is not None:
         partitioner.save(str(ckpt), tag)
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"padnet": loop_state})
-    if dist.is_initialized():
-        dist.barrier()
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state={CLIENT_KEY: state.state_dict()})
+    barrier()
     if rank() == 0:
         prune(ckpt, keep, protect=tag)
     return tag
@@ -70,15 +75,17 @@ def latest_tag(ckpt: Path) -> Optional[str]:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def load(engine, partitioner, run_dir: RunDir) -> Dict[str, Any]:
+def load(engine, partitioner, run_dir: RunDir, state: LoopState) -> str:
+    """Restore the latest checkpoint into ``engine``, ``partitioner``, this rank's RNG and ``state``; its tag."""
     ckpt = run_dir.checkpoints
     tag = latest_tag(ckpt)
     path, client = engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
         raise RuntimeError(f"could not load checkpoint {ckpt / str(tag)}: DeepSpeed found no model states there")
-    rng_file = ckpt / tag / f"padnet_rng_rank{rank()}.pt"
+    rng_file = ckpt / tag / RNG_FILE.format(rank())
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     if partitioner is not None:
         partitioner.load(str(ckpt), tag)
-    return dict(client.get("padnet", {}), tag=tag)
+    state.load_state_dict(client.get(CLIENT_KEY, {}))
+    return tag

@@ -1,166 +1,90 @@
 """One validated run configuration, read from YAML plus ``key=value`` overrides.
 
-Each component owns its own small dataclass (data, model MoE settings, partitioner); this
-module only nests them, checks every key and type, and names the offending key in errors.
+Each component owns its section (``data``: :class:`~padnet_ds.data.config.TextDataConfig`,
+``moe``: :class:`~padnet_ds.models.encoder.MoEConfig`, ``partition``:
+:class:`~padnet_ds.partition.config.PartitionConfig`); this module adds the run's own
+sections and nests them. Types and ranges are checked here, on load; what needs more than
+the file (the task's ``extra.<name>`` sections, the DeepSpeed JSON, the world size) is
+checked by :func:`padnet_ds.engine.validate.validate_run` before anything is written.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Annotated, Any, Dict, Optional, Sequence, Tuple
 
 import yaml
+from pydantic import Field
 
-from ..data.text import TextDataConfig
+from ..data.config import TextDataConfig
 from ..models.encoder import MoEConfig
 from ..partition.config import PartitionConfig
+from ..settings import Bool, ConfigError, Float, Int, Settings
+
+__all__ = ["ConfigError", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig", "load_config",
+           "config_from_dict", "merge", "parse_overrides", "to_dict"]
+
+Beta = Annotated[Float, Field(ge=0, lt=1)]  # an Adam beta
 
 
-class ConfigError(ValueError):
-    pass
+class ModelConfig(Settings):
+    section = "model"
 
-
-@dataclass
-class ModelConfig:
     # A hub name, a local folder, or "minilm" (the offline all-MiniLM-L6-v2 package).
     name: str = "minilm"
     # BertConfig kwargs for a random-init encoder (tests, smoke runs); null = pretrained weights.
     random_init: Optional[Dict[str, Any]] = None
     # Tokenizer to use with random_init models (a name or folder); defaults to `name`.
     tokenizer: Optional[str] = None
-    max_length: int = 128
+    max_length: Int = Field(128, ge=1, description="tokens per sequence after truncation")
     # Keep the encoder dense (no MoE at all): the baseline of a study.
-    dense: bool = False
+    dense: Bool = False
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay to 0
+class OptimConfig(Settings):
+    section = "optim"
+
+    lr: Float = Field(5e-5, gt=0)
+    weight_decay: Float = Field(0.01, ge=0)
+    betas: Tuple[Beta, Beta] = (0.9, 0.999)
+    eps: Float = Field(1e-8, gt=0)
+    # linear warm-up over this fraction of the steps, then linear decay to 0
+    warmup_ratio: Float = Field(0.1, ge=0, le=1)
     # torch's fused AdamW kernel (CPU and CUDA): on CPU the per-tensor loop allocates temporaries
     # for every tensor and ran 8x slower here (bench/README.md); false for the loop
-    fused: bool = True
+    fused: Bool = True
 
 
-@dataclass
-class TrainConfig:
-    steps: Optional[int] = None  # optimizer steps; null = derive from epochs
-    epochs: float = 1.0
-    micro_batch_size: int = 16  # per rank
-    grad_accum: int = 1
-    eval_every: int = 0  # optimizer steps; 0 = only at the end
-    checkpoint_every: int = 0  # optimizer steps; 0 = only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    eval_batch_size: int = 64
+class TrainConfig(Settings):
+    section = "train"
+
+    steps: Optional[Int] = Field(None, ge=1, description="optimizer steps; null = derive from epochs")
+    epochs: Float = Field(1.0, gt=0)
+    micro_batch_size: Int = Field(16, ge=1, description="sequences (or images) per rank and micro-batch")
+    grad_accum: Int = Field(1, ge=1, description="micro-batches per optimizer step")
+    eval_every: Int = Field(0, ge=0, description="optimizer steps; 0 = only at the end")
+    checkpoint_every: Int = Field(0, ge=0, description="optimizer steps; 0 = only at the end")
+    keep_checkpoints: Int = Field(2, ge=0, description="0 keeps every checkpoint")
+    log_every: Int = Field(10, ge=1)
+    eval_batch_size: Int = Field(64, ge=1)
     # Stop (after checkpointing) at this optimizer step, as if interrupted: the schedule still
     # runs to `steps`, so `resume=true` continues exactly. For time-limited cluster jobs and tests.
-    stop_at: Optional[int] = None
+    stop_at: Optional[Int] = Field(None, ge=1)
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Settings):
     output_dir: str = "runs/default"
-    seed: int = 42
-    resume: bool = False
+    seed: Int = 42
+    resume: Bool = False
     ds_config: str = "ds_configs/zero2_fp32.json"
-    task: str = "text"  # "text" (GLUE and friends) | "image" (DY-Conv ResNets)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    data: TextDataConfig = field(default_factory=TextDataConfig)
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    # Sections of other workloads (e.g. `vision`) register here; see tasks.py.
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-
-def _coerce(value: Any, tp, where: str):
-    """Check ``value`` against the annotation ``tp``; convert lists to tuples where declared."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        if len(errors) == 1:
-            raise ConfigError(errors[0] + (" or null" if type(None) in args else ""))
-        raise ConfigError(f"{where}: {value!r} matches none of: " + "; ".join(errors))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of settings, got {value!r}")
-        return build(tp, value, where)
-    if origin in (tuple, Tuple):
-        if not isinstance(value, (list, tuple)):
-            value = [value] if args and args[-1] is Ellipsis else value
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if args and args[-1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if args and len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
-    if origin in (list, List, Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def build(cls, values: Dict[str, Any], where: str = ""):
-    """Instantiate dataclass ``cls`` from ``values``, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}: the keys of {where or 'the run config'} "
-                          f"are {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where or 'config'}: {err}") from err
+    task: str = "text"  # a registered task (engine/tasks.py): "text" (GLUE and friends) | "image" (DY-Conv ResNets)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    data: TextDataConfig = Field(default_factory=TextDataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    # The task's own sections (e.g. `vision` for task: image), validated by the task registry.
+    extra: Dict[str, Any] = Field(default_factory=dict)
 
 
 def parse_overrides(pairs: Sequence[str]) -> Dict[str, Any]:
@@ -188,6 +112,11 @@ def merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def config_from_dict(values: Dict[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from plain values; errors name the dotted key."""
+    return RunConfig.parse(values, "")
+
+
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
     values: Dict[str, Any] = {}
     if path:
@@ -197,16 +126,10 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig
         values = yaml.safe_load(p.read_text()) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of settings")
-    return build(RunConfig, merge(values, parse_overrides(overrides)))
+    return config_from_dict(merge(values, parse_overrides(overrides)))
 
 
-def to_dict(cfg) -> Dict[str, Any]:
-    def plain(v):
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(dataclasses.asdict(cfg))
+def to_dict(cfg: Settings) -> Dict[str, Any]:
+    """Plain YAML/JSON values (tuples as lists), e.g. for ``config.yaml`` and ``summary.json``."""
+    return cfg.model_dump(mode="json")
+

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _env  # noqa: F401
-from ..comm import free_port, rank, world_size  # noqa: F401  (re-exported for the engine)
+from ..comm import free_port
 
 
 def accelerator_is_cpu() -> bool:
@@ -50,7 +50,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if accelerator_is_cpu():
         # The shared-memory comm op only serves inference all-reduce, JIT-builds for ~35 s and
-        # leaves a 66 MiB /dev/shm file per rank behind (shared/DEEPSPEED_CPU.md).
+        # leaves a 66 MiB /dev/shm file per rank behind (measured with DeepSpeed 0.19.8 under its launcher).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

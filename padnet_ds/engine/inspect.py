@@ -6,83 +6,27 @@ DY-Conv layer. Masks come from the replicated state (shared) or the expert files
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
-import yaml
 
 from ..moe.expert import unit_key
 from ..pad.accounting import pad_counts
 from ..pad.compose import lambda_pair
-from .checkpoint import latest_tag
-
-EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt")
-EXPERT_KEY = re.compile(r"(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)")
-
-
-def resolve(path: str) -> tuple:
-    """Accept a run folder, its checkpoints/ folder, or one tag folder."""
-    p = Path(path)
-    for run, ckpt, tag in ((p, p / "checkpoints", None), (p.parent, p, None), (p.parent.parent, p.parent, p.name)):
-        if (ckpt / "latest").is_file() or (tag and (ckpt / tag).is_dir()):
-            tag = tag or latest_tag(ckpt)
-            if (ckpt / tag / "mp_rank_00_model_states.pt").is_file():
-                return run, ckpt / tag
-    raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint: give a run folder (output_dir), its "
-                            "checkpoints/ folder, or a checkpoint tag folder")
+from .checkpoint_reader import CheckpointState, read_checkpoint
 
 
 def inspect_checkpoint(path: str) -> Dict[str, Any]:
-    run, tag_dir = resolve(path)
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    module: Dict[str, torch.Tensor] = states["module"]
-    experts: Dict[str, Dict[int, Dict[str, torch.Tensor]]] = {}
-    for f in sorted(tag_dir.iterdir()):
-        if EXPERT_FILE.fullmatch(f.name):
-            for key, t in torch.load(f, map_location="cpu", weights_only=False).items():
-                m = EXPERT_KEY.fullmatch(key)
-                if m:
-                    experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
-    moe_cfg = cfg.get("moe", {})
-    lambda_mode = moe_cfg.get("lambda_mode", "both")
-    vision = (cfg.get("extra") or {}).get("vision") or {}
-    # conv=dynamic (plain DY-Conv baseline) builds its layers with lambda_mode "none" whatever the config says.
-    conv_mode = "none" if vision.get("conv") == "dynamic" else vision.get("lambda_mode", "both")
-    units: List[Dict[str, Any]] = []
-    for key in sorted(module):
-        if not key.endswith(".static_weight"):
-            continue
-        prefix = key[: -len(".static_weight")]
-        p = module[key].numel()
-        moe_prefix, _, unit_name = prefix.rpartition(".pad.")
-        if moe_prefix and moe_prefix in experts:
-            layer_experts = experts[moe_prefix]
-            factors = len(layer_experts)
-            masks = [module[f"{prefix}.mask"]] if f"{prefix}.mask" in module else [
-                expert_mask(e, unit_name) for e in layer_experts.values()]
-            kind, layer, mode = "moe", moe_prefix, lambda_mode
-        else:
-            layer = prefix.rpartition(".")[0]
-            kernels = module.get(f"{layer}.weight")
-            factors = int(kernels.shape[0]) if kernels is not None and kernels.ndim == 5 else 1
-            masks = [module[f"{prefix}.mask"]]
-            kind, mode = "dyconv", conv_mode
-        ratio = float(sum(m.float().sum() for m in masks) / sum(m.numel() for m in masks))
-        lam_d, lam_s = lambda_pair(mode, module[f"{prefix}.phi"].float().view(()))
-        counts = pad_counts(p, factors, ratio, mode != "prune")
-        units.append(dict(name=prefix, kind=kind, layer=layer, factors=factors, shape=list(module[key].shape),
-                          dynamic_ratio=ratio, lambda_d=float(lam_d), lambda_s=float(lam_s),
-                          params_fully_dynamic=counts["fully_dynamic"], params_pad=counts["pad"],
-                          mask_bits=counts["mask_bits"]))
+    ckpt = read_checkpoint(path)
+    moe_cfg = ckpt.config.get("moe", {})
+    units = [unit_report(key[: -len(".static_weight")], ckpt) for key in sorted(ckpt.replicated)
+             if key.endswith(".static_weight")]
     full = sum(u["params_fully_dynamic"] for u in units)
     pad = sum(u["params_pad"] for u in units)
     dyn = sum(u["dynamic_ratio"] * u["mask_bits"] for u in units)
     moe_layers = sorted({u["layer"] for u in units if u["kind"] == "moe"})
     return {
-        "checkpoint": str(tag_dir),
+        "checkpoint": str(ckpt.tag_dir),
         # A vision run's config still has the (unused) moe section's defaults: report them only with MoE layers.
         "ep_size": moe_cfg.get("ep_size") if moe_layers else None,
         "num_experts": moe_cfg.get("num_experts") if moe_layers else None,
@@ -94,6 +38,40 @@ def inspect_checkpoint(path: str) -> Dict[str, Any]:
         "params_pad": pad,
         "pad_fraction_of_fully_dynamic": pad / full if full else None,
     }
+
+
+def lambda_modes(cfg: Dict[str, Any]) -> Dict[str, str]:
+    """The lambda mode of MoE units and of DY-Conv units, from the run's config.yaml."""
+    vision = (cfg.get("extra") or {}).get("vision") or {}
+    # conv=dynamic (plain DY-Conv baseline) builds its layers with lambda_mode "none" whatever the config says.
+    conv_mode = "none" if vision.get("conv") == "dynamic" else vision.get("lambda_mode", "both")
+    return {"moe": cfg.get("moe", {}).get("lambda_mode", "both"), "dyconv": conv_mode}
+
+
+def unit_report(prefix: str, ckpt: CheckpointState) -> Dict[str, Any]:
+    """One PAD unit: its layer, factor count, dynamic ratio, lambdas and deployment cost."""
+    module, experts = ckpt.replicated, ckpt.experts
+    moe_prefix, _, unit_name = prefix.rpartition(".pad.")
+    if moe_prefix and moe_prefix in experts:
+        layer_experts = experts[moe_prefix]
+        factors = len(layer_experts)
+        masks = [module[f"{prefix}.mask"]] if f"{prefix}.mask" in module else [
+            expert_mask(e, unit_name) for e in layer_experts.values()]
+        kind, layer = "moe", moe_prefix
+    else:
+        layer = prefix.rpartition(".")[0]
+        kernels = module.get(f"{layer}.weight")
+        factors = int(kernels.shape[0]) if kernels is not None and kernels.ndim == 5 else 1
+        masks = [module[f"{prefix}.mask"]]
+        kind = "dyconv"
+    mode = lambda_modes(ckpt.config)[kind]
+    weight = module[f"{prefix}.static_weight"]
+    ratio = float(sum(m.float().sum() for m in masks) / sum(m.numel() for m in masks))
+    lam_d, lam_s = lambda_pair(mode, module[f"{prefix}.phi"].float().view(()))
+    counts = pad_counts(weight.numel(), factors, ratio, mode != "prune")
+    return dict(name=prefix, kind=kind, layer=layer, factors=factors, shape=list(weight.shape),
+                dynamic_ratio=ratio, lambda_d=float(lam_d), lambda_s=float(lam_s),
+                params_fully_dynamic=counts["fully_dynamic"], params_pad=counts["pad"], mask_bits=counts["mask_bits"])
 
 
 def expert_mask(expert_state: Dict[str, torch.Tensor], unit_name: str) -> torch.Tensor:

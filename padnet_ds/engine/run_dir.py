@@ -6,14 +6,14 @@ refused unless ``resume=true``; files are replaced atomically (write, then renam
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
 import yaml
 
-from .config import ConfigError, RunConfig, to_dict
+from ..files import atomic_write_text
+from ..settings import ConfigError
+from .config import RunConfig, to_dict
 
 # Settings that define the model's shape: a checkpoint written under other values cannot load.
 MODEL_KEYS = ("task", "model", "moe", "extra")
@@ -58,7 +58,7 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)
         if not cfg.resume:
-            atomic_write(self.config_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            atomic_write_text(self.config_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def _evidence(self) -> str:
         found = [p.name for p in (self.config_file, self.summary_file) if p.exists()]
@@ -80,12 +80,5 @@ class RunDir:
                                   "or use another output_dir")
 
     def write_summary(self, summary: Dict[str, Any]) -> None:
-        atomic_write(self.summary_file, json.dumps(summary, indent=2, sort_keys=False, default=float))
+        atomic_write_text(self.summary_file, json.dumps(summary, indent=2, sort_keys=False, default=float))
 
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

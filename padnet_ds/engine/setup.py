@@ -1,4 +1,4 @@
-"""Validated construction of the DeepSpeed engine around a model with PAD-MoE layers.
+"""Engine set-up: the DeepSpeed JSON, seeding, the optimizer and schedule, ``deepspeed.initialize``.
 
 Every check here runs on every rank before ``deepspeed.initialize`` creates a process group
 for experts, so a bad configuration raises the same clear error everywhere instead of
@@ -7,30 +7,89 @@ leaving some ranks waiting in a collective.
 from __future__ import annotations
 
 import copy
+import json
 import logging
-from typing import Any, Dict, List
+import random
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..comm import world_size
 from ..moe.layer import pad_moe_layers
-from .distributed import accelerator_is_cpu, world_size
+from ..settings import ConfigError
+from .config import RunConfig
+from .distributed import accelerator_is_cpu
 
 log = logging.getLogger(__name__)
 
 NO_DECAY_SUFFIXES = ("bias", "phi", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
-def check_ds_config(ds_config: Dict[str, Any], model: nn.Module, world: int) -> Dict[str, Any]:
-    """Reject what native DeepSpeed MoE cannot run; return the config with CPU-safe defaults."""
-    cfg = copy.deepcopy(ds_config)
-    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_ds_config(cfg: RunConfig) -> Dict[str, Any]:
+    """``cfg.ds_config`` read, checked against what needs no model, with the run config's batch sizes."""
+    path = Path(cfg.ds_config)
+    if not path.is_file():
+        raise ConfigError(f"ds_config {cfg.ds_config} not found "
+                          "(ds_configs/ has zero{0,1,2}_{fp32,bf16,fp16}.json)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"ds_config {path} is not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"ds_config {path} must hold a JSON object of DeepSpeed settings")
+    for key, ours in (("train_micro_batch_size_per_gpu", cfg.train.micro_batch_size),
+                      ("gradient_accumulation_steps", cfg.train.grad_accum)):
+        if key in ds and ds[key] not in (ours, "auto"):
+            raise ConfigError(f"ds_config {path} sets {key}={ds[key]} but the run config asks for {ours} "
+                              "(train.micro_batch_size / train.grad_accum): remove it from the JSON or make them agree")
+        ds[key] = ours
+    ds.pop("train_batch_size", None)
+    ds.setdefault("steps_per_print", 10**9)
+    check_ds_settings(ds)
+    return ds
+
+
+def check_ds_settings(ds_config: Dict[str, Any]) -> None:
+    """What DeepSpeed's native MoE (and so PADMoE) cannot run here, whatever the model."""
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if stage not in (0, 1, 2):
-        raise ValueError(f"ds_config zero_optimization.stage={stage}: DeepSpeed's native MoE, and so PADMoE, "
-                         "supports ZeRO stages 0, 1 and 2 only; set zero_optimization.stage to 2")
-    if cfg.get("fp16", {}).get("enabled") and accelerator_is_cpu():
-        raise ValueError("ds_config fp16.enabled=true: DeepSpeed does not support fp16 on CPU; "
-                         "use bf16.enabled=true or fp32 (neither fp16 nor bf16 enabled)")
+        raise ConfigError(f"ds_config zero_optimization.stage={stage}: DeepSpeed's native MoE, and so PADMoE, "
+                          "supports ZeRO stages 0, 1 and 2 only; set zero_optimization.stage to 2")
+    if ds_config.get("fp16", {}).get("enabled") and accelerator_is_cpu():
+        raise ConfigError("ds_config fp16.enabled=true: DeepSpeed does not support fp16 on CPU; "
+                          "use bf16.enabled=true or fp32 (neither fp16 nor bf16 enabled)")
+
+
+def optimizer_and_schedule(cfg: RunConfig, ds: Dict[str, Any],
+                           total_steps: int) -> Tuple[Optional[Callable], Optional[Callable]]:
+    """AdamW + linear warm-up/decay, unless the DeepSpeed JSON brings its own optimizer/scheduler."""
+    opt = None if "optimizer" in ds else (lambda groups: torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=cfg.optim.fused))
+    if "scheduler" in ds:
+        return opt, None
+    warmup = int(cfg.optim.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return opt, lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_ds_config(ds_config: Dict[str, Any], model: nn.Module, world: int) -> Dict[str, Any]:
+    """Reject what native DeepSpeed MoE cannot run with ``model``; return the config with CPU-safe defaults."""
+    cfg = copy.deepcopy(ds_config)
+    check_ds_settings(cfg)
     for name, layer in pad_moe_layers(model).items():
         if world % layer.ep_size:
             raise ValueError(f"world size {world} is not divisible by ep_size={layer.ep_size} of layer {name}: "
@@ -77,6 +136,3 @@ def build_engine(model: nn.Module, ds_config: Dict[str, Any], *, optimizer=None,
                                            dist_init_required=False)
     return engine
 
-
-def is_expert_param(p: torch.Tensor) -> bool:
-    return getattr(p, "allreduce", True) is False

@@ -14,32 +14,38 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Annotated, Any, Dict, List, Sequence, Tuple
 
-from .config import ConfigError, RunConfig, build, load_config, merge, parse_overrides, to_dict
-from .distributed import rank
+import yaml
+from pydantic import Field, ValidationInfo, field_validator
 
-STUDY_KEYS = ("tasks", "ratios", "seeds", "out", "dense", "ablation")
+from ..comm import rank
+from ..files import atomic_write_text
+from ..settings import Bool, Float, Int, Settings
+from .config import config_from_dict, load_config, merge, parse_overrides, to_dict
+
+Ratio = Annotated[Float, Field(gt=0, le=1, description="1.0 = the fully dynamic baseline")]
 
 
-@dataclass
-class StudyConfig:
-    tasks: List[str] = field(default_factory=lambda: ["sst2"])
-    ratios: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.3])
-    seeds: List[int] = field(default_factory=lambda: [1, 2])
+class StudyConfig(Settings):
+    """``key=value`` study settings; lists may be given comma-separated (``ratios=1.0,0.5``)."""
+    section = "study"
+
+    tasks: List[str] = ["sst2"]
+    ratios: List[Ratio] = [1.0, 0.5, 0.3]
+    seeds: List[Int] = [1, 2]
     out: str = "runs/study"
-    dense: bool = True
-    ablation: bool = True
+    dense: Bool = True  # the dense (no MoE / static ResNet) baseline
+    ablation: Bool = True  # the random-partition ablation at the smallest ratio
 
-
-def _as_list(value, cast) -> list:
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    if not isinstance(value, (list, tuple)):
-        value = [value]
-    return [cast(v) for v in value]
+    @field_validator("tasks", "ratios", "seeds", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            parts = [v.strip() for v in value.split(",") if v.strip()]
+            return parts if info.field_name == "tasks" else [yaml.safe_load(v) for v in parts]  # numbers
+        return value if isinstance(value, (list, tuple)) else [value]
 
 
 def parse_study_args(pairs: Sequence[str]) -> Tuple[StudyConfig, List[str]]:
@@ -48,24 +54,11 @@ def parse_study_args(pairs: Sequence[str]) -> Tuple[StudyConfig, List[str]]:
     run: List[str] = []
     for pair in pairs:
         key = pair.split("=", 1)[0]
-        if key in STUDY_KEYS:
+        if key in StudyConfig.model_fields:
             study[key] = parse_overrides([pair])[key]
         else:
             run.append(pair)
-    try:
-        cfg = StudyConfig(
-            tasks=_as_list(study.get("tasks", "sst2"), str),
-            ratios=_as_list(study.get("ratios", "1.0,0.5,0.3"), float),
-            seeds=_as_list(study.get("seeds", "1,2"), int),
-            out=str(study.get("out", "runs/study")),
-            dense=bool(study.get("dense", True)),
-            ablation=bool(study.get("ablation", True)))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"study settings: {err} (e.g. tasks=sst2,mrpc ratios=1.0,0.5,0.3 seeds=1,2)") from err
-    bad = [r for r in cfg.ratios if not 0 < r <= 1]
-    if bad:
-        raise ConfigError(f"study ratios={cfg.ratios}: each must be in (0, 1] (1.0 = the fully dynamic baseline)")
-    return cfg, run
+    return StudyConfig(**study), run
 
 
 def variants(study: StudyConfig, task: str) -> List[Tuple[str, float, Dict[str, Any]]]:
@@ -103,7 +96,7 @@ def run_study(config_path: str, pairs: Sequence[str]) -> Dict[str, Any]:
                                         "output_dir": str(out / task / name.replace("@", "_") / f"seed{seed}")})
                 if not image:
                     values = merge(values, {"data": {"task": task}})
-                cfg = build(RunConfig, values)
+                cfg = config_from_dict(values)
                 summary = train(cfg)
                 metric = summary["main_metric"]
                 results.append(dict(task=task, variant=name, ratio=ratio, seed=seed, metric=metric,
@@ -141,11 +134,9 @@ def table(results: List[Dict[str, Any]]) -> str:
 
 
 def write_outputs(out: Path, study: StudyConfig, results: List[Dict[str, Any]]) -> None:
-    from .run_dir import atomic_write
-
-    atomic_write(out / "results.json", json.dumps({"study": study.__dict__, "results": results,
-                                                   "aggregate": aggregate(results)}, indent=2, default=float))
-    atomic_write(out / "table.md", table(results) + "\n")
+    atomic_write_text(out / "results.json", json.dumps({"study": study.model_dump(), "results": results,
+                                                        "aggregate": aggregate(results)}, indent=2, default=float))
+    atomic_write_text(out / "table.md", table(results) + "\n")
     plot(out / "metric_vs_ratio.png", aggregate(results))
 
 

@@ -1,130 +1,102 @@
-"""Workloads the training loop can run: what model, what data, how a batch becomes a loss.
+"""Workloads the training loop can run: the :class:`Task` protocol and the registry of task types.
 
-The loop in ``trainer.py`` knows nothing about text or images; a task supplies the model,
-the train/eval datasets, a collate function and the metric. Batches must have the same
-shape on every rank when experts are sharded (DeepSpeed's expert capacity, and so the
-all-to-all buffer size, depends on the tokens per rank), so text batches are padded to the
-longest row *across ranks* (one scalar all-reduce per micro-batch), capped at ``max_length``.
+The loop (``trainer.py``) knows nothing about text or images; a task supplies the model, the
+train/eval datasets, a collate function, the metric and two optional hooks. The built-in
+task types register themselves: ``text`` (``text_task.py``) and ``image`` (``image_task.py``);
+``validate.py`` imports both. Your own::
+
+    register_task("audio", build_audio_task, check=check_audio_config, sections=("audio",))
+
+``check(cfg)`` runs on every rank before the run folder is touched and must raise a
+:class:`~padnet_ds.settings.ConfigError` naming the key; ``sections`` are the ``extra.<name>``
+config sections the task reads (any other ``extra`` key is an error).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..settings import ConfigError
 from .config import RunConfig
+
+Batch = Dict[str, Tensor]
 
 
 @dataclass
 class Task:
+    """What the loop needs from a workload."""
+    name: str  # e.g. "sst2", "image/mnist5k" (summary.json's "task")
     model: nn.Module
-    train_set: Any
+    train_set: Any  # a map-style dataset; items go through `collate`
     eval_set: Any
-    collate: Callable[[List[Dict[str, Any]]], Dict[str, torch.Tensor]]
-    metrics: Callable[[Any, Any], Dict[str, float]]
-    main_metric: str
-    is_regression: bool
-    info: Dict[str, Any]
-    pad_id: Optional[int] = None  # text: pad sequences to the same length on every rank
+    collate: Callable[[List[Any]], Batch]
+    metrics: Callable[[Sequence, Sequence], Dict[str, float]]  # (predictions, labels) -> {name: value}
+    main_metric: str  # picks the best eval
+    is_regression: bool = False
+    throughput_unit: str = "tokens"  # TensorBoard's perf/<unit>_per_s
+    # Every rank calls it on every batch, in the same order, before the model sees the batch; it may
+    # run a collective (text: pad the sequence dimension to the longest row across ranks).
+    align: Optional[Callable[[Batch], Batch]] = None
+    # before_step(module, step, epoch) before each optimizer step's micro-batches: `step` optimizer
+    # steps are done, `epoch` is the fractional epoch position (image: the DY-Conv temperature).
+    before_step: Optional[Callable[[nn.Module, int, float], None]] = None
 
-    def align(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Pad the sequence dimension to the longest across ranks (text only; a no-op otherwise)."""
-        if self.pad_id is None or "input_ids" not in batch:
-            return batch
-        import torch.distributed as dist
+    def prepare(self, batch: Batch, device: torch.device) -> Batch:
+        """``batch`` aligned across ranks and on ``device``: what the model is called with."""
+        if self.align is not None:
+            batch = self.align(batch)
+        return {k: v.to(device) for k, v in batch.items()}
 
-        from ..comm import comm_device
-
-        length = torch.tensor(batch["input_ids"].shape[1], device=comm_device())
-        if dist.is_initialized():
-            dist.all_reduce(length, op=dist.ReduceOp.MAX)
-        extra = int(length) - batch["input_ids"].shape[1]
-        if extra <= 0:
-            return batch
-        return {k: (torch.nn.functional.pad(v, (0, extra), value=self.pad_id if k == "input_ids" else 0)
-                    if k != "labels" and v.ndim == 2 else v) for k, v in batch.items()}
-
-    def loss(self, engine, batch: Dict[str, torch.Tensor]):
+    def loss(self, engine, batch: Batch) -> Tensor:
         out = engine(**batch)
         return out.loss if hasattr(out, "loss") else out[0]
 
-    def predict(self, engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict(self, engine, batch: Batch) -> Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         out = engine(**inputs)
         logits = out.logits if hasattr(out, "logits") else out
         return logits.squeeze(-1).float() if self.is_regression else logits.argmax(-1)
 
-    def tokens(self, batch: Dict[str, torch.Tensor]):
+    def tokens(self, batch: Batch):
         """Real (unpadded) tokens, or rows; a device tensor, so counting never syncs the GPU."""
         mask = batch.get("attention_mask")
         return mask.sum() if mask is not None else batch["labels"].numel()
 
 
-def pad_to_length(items: List[Dict[str, Any]], length: int, pad_id: int) -> Dict[str, torch.Tensor]:
-    """Pad to the batch's longest row rounded up to a multiple of 8, at most ``length``."""
-    longest = max(len(it["input_ids"]) for it in items)
-    length = min(length, -(-longest // 8) * 8)
-    out: Dict[str, torch.Tensor] = {}
-    for key in items[0]:
-        if key == "labels":
-            labels = [torch.as_tensor(it["labels"]) for it in items]
-            out["labels"] = torch.stack(labels)
-            continue
-        fill = pad_id if key == "input_ids" else 0
-        rows = torch.full((len(items), length), fill, dtype=torch.long)
-        for i, it in enumerate(items):
-            seq = torch.as_tensor(it[key], dtype=torch.long)[:length]
-            rows[i, :len(seq)] = seq
-        out[key] = rows
-    return out
+@dataclass(frozen=True)
+class TaskType:
+    build: Callable[[RunConfig], Task]
+    check: Optional[Callable[[RunConfig], Any]] = None  # validates the task's settings; raises ConfigError
+    sections: Tuple[str, ...] = ()  # the extra.<name> sections the task reads
 
 
-def text_task(cfg: RunConfig) -> Task:
-    from ..data.encode import EncodedTextDataset
-    from ..data.metrics import compute_metrics
-    from ..data.text import load_text_task
-    from ..models.encoder import build_classifier
-    from ..models.pretrained import load_tokenizer
-
-    spec, train, evals = load_text_task(cfg.data)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
-    moe = None if cfg.model.dense else cfg.moe
-    model = build_classifier(cfg.model.name, spec.num_labels, spec.is_regression, moe,
-                             random_init_config=cfg.model.random_init)
-    length = cfg.model.max_length
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Task(model=model,
-                train_set=EncodedTextDataset(tokenizer, train, length, regression=spec.is_regression),
-                eval_set=EncodedTextDataset(tokenizer, evals, length, regression=spec.is_regression),
-                collate=lambda items: pad_to_length(items, length, pad_id),
-                metrics=lambda preds, labels: compute_metrics(spec, preds, labels),
-                main_metric=spec.main_metric,
-                is_regression=spec.is_regression,
-                pad_id=pad_id,
-                info={"task": spec.name, "num_labels": spec.num_labels, "train_rows": len(train),
-                      "eval_rows": len(evals), "label_names": list(spec.label_names)})
+TASKS: Dict[str, TaskType] = {}
 
 
-def image_task(cfg: RunConfig) -> Task:
-    """PAD DY-Conv ResNets on images (``engine/vision.py``, imported on demand); settings in ``extra.vision``."""
-    from .vision import image_task as build_image_task
-
-    return build_image_task(cfg)
+def register_task(name: str, build: Callable[[RunConfig], Task], check: Optional[Callable[[RunConfig], Any]] = None,
+                  sections: Sequence[str] = ()) -> None:
+    TASKS[name] = TaskType(build, check, tuple(sections))
 
 
-TASKS: Dict[str, Callable[[RunConfig], Task]] = {"text": text_task, "image": image_task}
+def task_type(name: str) -> TaskType:
+    if name not in TASKS:
+        raise ConfigError(f"task={name!r} is not one of {', '.join(sorted(TASKS))}")
+    return TASKS[name]
 
 
-def register_task(name: str, factory: Callable[[RunConfig], Task]) -> None:
-    TASKS[name] = factory
+def check_task_config(cfg: RunConfig) -> None:
+    """The task exists, ``extra`` holds only its sections, and its own check passes."""
+    kind = task_type(cfg.task)
+    unknown = sorted(set(cfg.extra) - set(kind.sections))
+    if unknown:  # e.g. a misspelt `extra.visoin` would otherwise train with every default
+        reads = ", ".join(f"extra.{s}" for s in kind.sections) + " only" if kind.sections else "no extra.* section"
+        raise ConfigError(f"unknown config key extra.{unknown[0]}: task {cfg.task!r} reads {reads}")
+    if kind.check is not None:
+        kind.check(cfg)
 
 
 def build_task(cfg: RunConfig) -> Task:
-    if cfg.task not in TASKS:
-        from .config import ConfigError
-
-        raise ConfigError(f"task={cfg.task!r} is not one of {sorted(TASKS)}")
-    return TASKS[cfg.task](cfg)
-
+    return task_type(cfg.task).build(cfg)

@@ -1,7 +1,7 @@
-"""Models made PAD-dynamic: upcycled BERT-family encoders (and DY-Conv ResNets)."""
+"""Models made PAD-dynamic: upcycled BERT-family encoders (encoder.py), DY-Conv ResNets (resnet.py) and
+the image classifier around them (image.py, batchnorm.py)."""
 
-_ENCODER = ("MoEConfig", "MoEFFNOutput", "upcycle_encoder", "moe_layers", "moe_aux_loss", "expert_loads",
-            "ffn_layers", "build_classifier")
+_ENCODER = ("MoEConfig", "MoEFFNOutput", "upcycle_encoder", "ffn_layers", "build_classifier")
 _PRETRAINED = ("resolve_model_path", "load_tokenizer")
 __all__ = list(_ENCODER + _PRETRAINED)
 

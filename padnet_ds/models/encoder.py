@@ -1,4 +1,4 @@
-"""Upcycling BERT-family Hugging Face encoders into PAD-MoE (PAD_SPEC section 3).
+"""Upcycling BERT-family Hugging Face encoders into PAD-MoE (docs/PAD.md section 3).
 
 A BERT layer computes its FFN as ``output(intermediate(a), a)`` with
 
@@ -11,49 +11,61 @@ The layer's own forward is untouched, so attention masks, ``token_type_ids``, la
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
-import torch
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from ..moe.layer import PADMoE
+from ..moe.layer import PADMoE, check_moe_args
+from ..settings import Bool, Float, Int, Settings
 from .pretrained import load_tokenizer, resolve_model_path
 
 LAYER_CHOICES = ("all", "every_other")
 
 
-@dataclass
-class MoEConfig:
+class MoEConfig(Settings):
     """How to upcycle: DeepSpeed MoE arguments plus PAD's, and which layers to replace."""
-    num_experts: int = 8
-    k: int = 2
-    ep_size: int = 1
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    noisy_gate_policy: Optional[str] = None
-    use_rts: bool = True
-    top2_2nd_expert_sampling: bool = True
-    layers: Union[str, List[int]] = "all"  # "all" | "every_other" (odd indices) | [indices]
-    lambda_mode: str = "both"
-    mask_scope: str = "shared"
-    aux_loss_coef: float = 0.01  # applied by the engine, not by moe_aux_loss
+    section = "moe"
 
-    def __post_init__(self) -> None:
-        if isinstance(self.layers, str) and self.layers not in LAYER_CHOICES:
-            raise ValueError(f"layers={self.layers!r} is not one of {LAYER_CHOICES} or a list of layer indices")
-        if self.aux_loss_coef < 0:
-            raise ValueError(f"aux_loss_coef={self.aux_loss_coef} must be >= 0")
+    num_experts: Int = Field(8, ge=1)
+    k: Int = Field(2, ge=1, description="experts per token")
+    ep_size: Int = Field(1, ge=1, description="expert-parallel ranks; must divide num_experts and the world size")
+    capacity_factor: Float = Field(1.25, gt=0)
+    eval_capacity_factor: Float = Field(2.0, gt=0)
+    min_capacity: Int = Field(4, ge=0)
+    drop_tokens: Bool = True
+    noisy_gate_policy: Optional[Literal["None", "Jitter", "RSample"]] = None
+    use_rts: Bool = True
+    top2_2nd_expert_sampling: Bool = True
+    layers: Union[str, List[int]] = Field("all", description='"all", "every_other" (odd indices) or a list of '
+                                          "FFN layer indices")
+    lambda_mode: Literal["both", "s", "d", "none", "prune"] = "both"
+    mask_scope: Literal["shared", "expert"] = "shared"
+    aux_loss_coef: Float = Field(0.01, ge=0, description="applied by the engine, not by the layer")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_choice(cls, layers: Any) -> Any:
+        if isinstance(layers, str):
+            if layers not in LAYER_CHOICES:
+                raise ValueError(f"is not one of {', '.join(LAYER_CHOICES)} or a list of layer indices")
+            return layers
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ValueError(f"must be one of {', '.join(LAYER_CHOICES)} or a non-empty list of layer indices")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise ValueError("must list FFN layer indices (integers >= 0)")
+        if len(set(layers)) != len(layers):
+            raise ValueError("lists a layer more than once")
+        return list(layers)
+
+    @model_validator(mode="after")
+    def _experts_fit(self) -> "MoEConfig":
+        check_moe_args(self.num_experts, self.ep_size, self.k, self.noisy_gate_policy, self.mask_scope)
+        return self
 
     def moe_kwargs(self) -> dict:
         """The keyword arguments of :meth:`PADMoE.from_dense` (everything but the layer choice)."""
-        kwargs = asdict(self)
-        for key in ("layers", "aux_loss_coef"):
-            kwargs.pop(key)
-        return kwargs
+        return self.model_dump(exclude={"layers", "aux_loss_coef"})
 
 
 class _Activation(nn.Module):
@@ -67,9 +79,10 @@ class _Activation(nn.Module):
 
 
 class MoEFFNOutput(nn.Module):
-    """Stands in for ``BertOutput``: ``LayerNorm(dropout(moe(a)) + a)``, keeping the MoE stats.
+    """Stands in for ``BertOutput``: ``LayerNorm(dropout(moe(a)) + a)``.
 
-    ``l_aux`` and ``exp_counts`` are those of the latest forward (None before the first).
+    The latest forward's ``l_aux`` and expert counts stay on the layer (``PADMoE.last_l_aux``,
+    ``PADMoE.last_expert_counts``), where the engine reads them.
     """
 
     def __init__(self, moe: PADMoE, dropout: nn.Module, layer_norm: nn.Module) -> None:
@@ -77,11 +90,9 @@ class MoEFFNOutput(nn.Module):
         self.moe = moe
         self.dropout = dropout
         self.LayerNorm = layer_norm  # HF's name, so "LayerNorm" no-decay rules still match
-        self.l_aux: Optional[Tensor] = None
-        self.exp_counts: Optional[Tensor] = None
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        y, self.l_aux, self.exp_counts = self.moe(hidden_states)
+        y, _, _ = self.moe(hidden_states)
         return self.LayerNorm(self.dropout(y) + input_tensor)
 
 
@@ -154,33 +165,6 @@ def upcycle_encoder(model: nn.Module, moe_cfg: MoEConfig) -> nn.Module:
         layer.intermediate = nn.Identity()
         layer.output = MoEFFNOutput(moe, out.dropout, out.LayerNorm)
     return model
-
-
-def _moe_outputs(model: nn.Module) -> List[MoEFFNOutput]:
-    return [m for m in model.modules() if isinstance(m, MoEFFNOutput)]
-
-
-def moe_layers(model: nn.Module) -> "OrderedDict[str, PADMoE]":
-    """name -> PADMoE, in layer order."""
-    return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, PADMoE))
-
-
-def moe_aux_loss(model: nn.Module) -> Tensor:
-    """Sum of the load-balancing losses of the forward that just ran (unscaled)."""
-    outs = _moe_outputs(model)
-    if not outs:
-        raise ValueError(f"{type(model).__name__} has no PAD-MoE layers: call upcycle_encoder first")
-    if any(o.l_aux is None for o in outs):
-        raise RuntimeError("moe_aux_loss needs a forward pass first: no l_aux has been recorded yet")
-    return torch.stack([o.l_aux.float() for o in outs]).sum()
-
-
-def expert_loads(model: nn.Module) -> List[Tensor]:
-    """Tokens routed to each expert (before capacity dropping), one tensor per MoE layer."""
-    outs = _moe_outputs(model)
-    if any(o.exp_counts is None for o in outs):
-        raise RuntimeError("expert_loads needs a forward pass first: no expert counts have been recorded yet")
-    return [o.exp_counts for o in outs]
 
 
 def build_classifier(name_or_path: str, num_labels: int, is_regression: bool, moe_cfg: Optional[MoEConfig],

@@ -34,7 +34,8 @@ def check_moe_args(num_experts: int, ep_size: int, k: int, noisy_gate_policy: Op
         raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}: each expert-parallel "
                          "rank holds num_experts/ep_size experts, so pick an ep_size that divides num_experts")
     if k < 1 or k > num_experts:
-        raise ValueError(f"k={k} must be between 1 and num_experts={num_experts} (each token goes to its top-k experts)")
+        raise ValueError(f"k={k} must be between 1 and num_experts={num_experts} "
+                         "(each token goes to its top-k experts)")
     if noisy_gate_policy not in NOISY_GATE_POLICIES:
         raise ValueError(f"noisy_gate_policy={noisy_gate_policy!r} is not one of None, 'Jitter', 'RSample'")
     if mask_scope not in MASK_SCOPES:

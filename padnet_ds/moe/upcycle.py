@@ -1,7 +1,7 @@
 """Upcycling helpers: which global experts this rank holds, and symmetry breaking.
 
 Right after upcycling every expert equals the static weight, so ``dL/dM`` is exactly zero
-(PAD_SPEC section 4, the symmetry trap). ``perturb_experts`` breaks the symmetry with noise
+(docs/PAD.md section 4, the symmetry trap). ``perturb_experts`` breaks the symmetry with noise
 seeded by the *global* expert id, so the perturbed model is the same for any ``ep_size``.
 """
 from __future__ import annotations

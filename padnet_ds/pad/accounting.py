@@ -1,4 +1,4 @@
-"""Deployment cost of PAD weights (PAD_SPEC section 7), shared by MoE and DY-Conv.
+"""Deployment cost of PAD weights (docs/PAD.md section 7), shared by MoE and DY-Conv.
 
 For one factor of P values, F factors (experts or kernels) and dynamic ratio r, a fully
 dynamic layer stores F*P values. PAD stores the static weight where the mask is 0 and each

@@ -18,7 +18,7 @@ replicated side:
     dL/dW_static = lambda_s (1-M) sum_e G_e          dL/dlambda_s = <(1-M) sum_e G_e, W_static>
     dL/dlambda_d = sum_e <G_e M, W_e>                dL/dM = lambda_d sum_e G_e W_e - lambda_s W_static sum_e G_e
 
-The last one is the IMP sensitivity (PAD_SPEC section 4). While a partitioner scores,
+The last one is the IMP sensitivity (docs/PAD.md section 4). While a partitioner scores,
 the mask enters the hub as a float leaf (:meth:`PADUnit.mask_view`) whose hook receives
 ``dL/dM``; the experts then also add ``G_e * W_e`` into a second per-layer sum (one
 in-place pass per expert), with no extra forward or backward pass.
@@ -87,7 +87,8 @@ class Composition:
 
     def kept(self) -> List[Tensor]:
         """The weight-sized tensors this composition holds for backward (and the unit's workspace)."""
-        return [t for t in (self.static, self.mdyn, self.static_mask, self.scaled_static, self.workspace) if t is not None]
+        held = (self.static, self.mdyn, self.static_mask, self.scaled_static, self.workspace)
+        return [t for t in held if t is not None]
 
     def compose(self, weight: Tensor) -> Tensor:
         """``S + Md * W_e`` in the shared workspace (valid until the next expert composes)."""

@@ -1,4 +1,4 @@
-"""Iterative Mode Partition: which PAD mask entries stay dynamic (PAD_SPEC sections 4-5).
+"""Iterative Mode Partition: which PAD mask entries stay dynamic (docs/PAD.md sections 4-5).
 
 - ``config``: :class:`PartitionConfig` and its validation
 - ``schedule``: the global steps of partition steps and their target ratios

@@ -1,4 +1,4 @@
-"""``Partitioner``: Iterative Mode Partition driven by the training loop (PAD_SPEC sections 4-5).
+"""``Partitioner``: Iterative Mode Partition driven by the training loop (docs/PAD.md sections 4-5).
 
 Training loop contract (``g`` counts completed optimizer steps)::
 
@@ -17,20 +17,20 @@ call ``after_step``/``run_before_training``/``overall_ratio``/``layer_ratios`` a
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..comm import max_over_ranks, min_over_ranks, rank, world_size as world
+from ..files import atomic_torch_save
 from .config import PartitionConfig
 from .schedule import scores_upcoming, step_due, target_ratio
 from .scores import ScoreBook, loss_scale_fn, magnitudes, random_scores
 from .select import select_each, select_global
 from .sites import Site, find_sites
-from .sync import (global_counts, global_imp_scores, global_magnitudes, max_over_ranks, min_over_ranks, rank,
-                   verify, world)
+from .sync import global_counts, global_imp_scores, global_magnitudes, verify
 
 STATE_FILE = "padnet_partition_rank{}.pt"
 
@@ -158,13 +158,13 @@ class Partitioner:
         verify(self.sites, f"before partition step {t} (global step {global_step})")
         scores = self._global_scores(t)
         if self.cfg.scope == "global":
-            keep = select_global(scores, ratio)
+            new_masks = select_global(scores, ratio)
         else:
-            keep = [select_each(s, ratio, 1 if site.replicated else site.num_experts)
+            new_masks = [select_each(s, ratio, 1 if site.replicated else site.num_experts)
                     for s, site in zip(scores, self.sites)]
         flips = []
         with torch.no_grad():
-            for site, new in zip(self.sites, keep):
+            for site, new in zip(self.sites, new_masks):
                 local = [new] if site.replicated else [new[g] for g in site.experts]
                 flips.append([int(torch.count_nonzero(m != n)) for m, n in zip(site.masks, local)])
                 for m, n in zip(site.masks, local):
@@ -173,7 +173,7 @@ class Partitioner:
         self.step, self.ratio = t, ratio
         digests = verify(self.sites, f"after partition step {t} (global step {global_step})")
         flipped = global_counts(self.sites, flips)
-        dynamic = [int(torch.count_nonzero(k)) for k in keep]  # every rank holds every site's global mask here
+        dynamic = [int(torch.count_nonzero(k)) for k in new_masks]  # every rank holds every site's global mask here
         entry = {"step": t, "global_step": int(global_step), "ratio": ratio,
                  "achieved": sum(dynamic) / sum(s.numel for s in self.sites),
                  "layers": {s.name: {"ratio": d / s.numel, "flipped": f}
@@ -216,7 +216,7 @@ class Partitioner:
             raise RuntimeError(
                 f"partition step {t}: every {self.cfg.method} score is zero for {empty}, so there is no information "
                 f"to partition on. Right after upcycling every expert equals W_static and lambda_d = lambda_s = 1, "
-                f"so {what} = 0 for every entry (the symmetry trap, PAD_SPEC section 4). Fix the config: {fix}")
+                f"so {what} = 0 for every entry (the symmetry trap, docs/PAD.md section 4). Fix the config: {fix}")
 
     # -- ratios ---------------------------------------------------------------------------------
     def layer_ratios(self) -> Dict[str, float]:
@@ -243,7 +243,7 @@ class Partitioner:
         """This rank's state: accumulated scores are per rank (each rank scored its own batches)."""
         return {"version": 1, "rank": rank(), "world": world(), "step": self.step, "ratio": self.ratio,
                 "scores": self.book.state_dict(), "rng": self.rng.get_state(), "log": copy.deepcopy(self.log),
-                "layout": self._layout(), "config": dataclasses.asdict(self.cfg)}
+                "layout": self._layout(), "config": self.cfg.model_dump()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state["world"] != world():
@@ -259,12 +259,8 @@ class Partitioner:
 
     def save(self, checkpoint_dir: str, tag: str) -> str:
         """Write ``<checkpoint_dir>/<tag>/padnet_partition_rank{R}.pt`` atomically; returns its path."""
-        folder = os.path.join(checkpoint_dir, str(tag))
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, STATE_FILE.format(rank()))
-        tmp = os.path.join(folder, f".{STATE_FILE.format(rank())}.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        path = os.path.join(checkpoint_dir, str(tag), STATE_FILE.format(rank()))
+        atomic_torch_save(self.state_dict(), path)
         return path
 
     def load(self, checkpoint_dir: str, tag: Optional[str] = None) -> None:

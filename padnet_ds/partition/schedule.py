@@ -11,7 +11,7 @@ and off before and after, so training outside the windows pays nothing.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 from .config import PartitionConfig
 
@@ -22,11 +22,6 @@ def target_ratio(cfg: PartitionConfig, t: int) -> float:
     if cfg.schedule == "linear":
         return 1.0 - (1.0 - cfg.ratio) * frac
     return cfg.ratio ** frac
-
-
-def partition_global_steps(cfg: PartitionConfig) -> List[int]:
-    """The completed-step counts after which in_training partition steps run."""
-    return [cfg.warmup_steps + t * cfg.interval for t in range(1, cfg.steps + 1)]
 
 
 def step_due(cfg: PartitionConfig, global_step: int) -> Optional[int]:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 
-def keep_count(n: int, ratio: float) -> int:
+def dynamic_count(n: int, ratio: float) -> int:
+    """Entries of ``n`` that stay dynamic at ``ratio`` (rounded half up)."""
     return min(n, max(0, int(math.floor(ratio * n + 0.5))))
 
 
@@ -50,27 +51,27 @@ def top_k(scores: Tensor, k: int) -> Tensor:
     n = flat.numel()
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    chosen = torch.zeros(n, dtype=torch.bool, device=flat.device)
     if k <= 0:
-        return keep.view(scores.shape)
+        return chosen.view(scores.shape)
     thr = kth_largest(flat, k)
-    keep |= flat > thr
-    need = k - int(torch.count_nonzero(keep))
+    chosen |= flat > thr
+    need = k - int(torch.count_nonzero(chosen))
     if need > 0:
         ties = torch.nonzero(flat == thr).squeeze(1)[:need]  # nonzero lists indices in ascending order
-        keep[ties] = True
-    return keep.view(scores.shape)
+        chosen[ties] = True
+    return chosen.view(scores.shape)
 
 
 def select_global(scores: List[Tensor], ratio: float) -> List[Tensor]:
     """One threshold over every mask: the top ``ratio`` of all entries together."""
     flat = torch.cat([s.reshape(-1) for s in scores])
-    keep = top_k(flat, keep_count(flat.numel(), ratio))
-    return [part.view(s.shape) for part, s in zip(keep.split([s.numel() for s in scores]), scores)]
+    dynamic = top_k(flat, dynamic_count(flat.numel(), ratio))
+    return [part.view(s.shape) for part, s in zip(dynamic.split([s.numel() for s in scores]), scores)]
 
 
 def select_each(scores: Tensor, ratio: float, masks: int) -> Tensor:
     """Each of ``masks`` masks stacked in ``scores`` (1 = replicated, E = per-expert) keeps ``ratio``."""
     rows = scores.reshape(masks, -1)
-    k = keep_count(rows.shape[1], ratio)
+    k = dynamic_count(rows.shape[1], ratio)
     return torch.stack([top_k(r, k) for r in rows]).view(scores.shape)

@@ -1,4 +1,4 @@
-"""Rank synchronization of scores and masks (PAD_SPEC section 5).
+"""Rank synchronization of scores and masks (docs/PAD.md section 5).
 
 - Replicated masks: each rank's score already sums its local experts and tokens; an
   all-reduce SUM over the world gives the global score everywhere.
@@ -19,15 +19,12 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ..comm import comm_device, dist_on, rank, world_size as world  # noqa: F401
+from ..comm import all_gather_flat, all_reduce_flat, dist_on, reduce_values, world_size as world
 from .sites import Site
 
-
-def group_size(group) -> int:
-    return dist.get_world_size(group) if dist_on() else 1
+FP32 = torch.float32  # scores travel in fp32 whatever the model's dtype
 
 
 def expert_groups(site: Site) -> Tuple[Optional[object], Optional[object]]:
@@ -43,36 +40,6 @@ def expert_groups(site: Site) -> Tuple[Optional[object], Optional[object]]:
             groups._get_expert_data_parallel_group(site.group_name))
 
 
-def _flat(tensors: List[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
-
-
-def _unflat(flat: Tensor, like: List[Tensor]) -> List[Tensor]:
-    out, at = [], 0
-    for t in like:
-        out.append(flat[at:at + t.numel()].view(t.shape))
-        at += t.numel()
-    return out
-
-
-def all_reduce_sum(tensors: List[Tensor], group=None) -> List[Tensor]:
-    """Sum over ``group`` (None = world) in one collective; returns new fp32 tensors."""
-    flat = _flat(tensors)
-    if dist_on() and group_size(group) > 1 and flat.numel():
-        dist.all_reduce(flat, group=group)
-    return _unflat(flat, tensors)
-
-
-def all_gather(tensors: List[Tensor], group) -> List[List[Tensor]]:
-    """Every group member's ``tensors`` (same shapes everywhere), in group-rank order."""
-    flat = _flat(tensors)
-    if not dist_on() or group_size(group) == 1:
-        return [_unflat(flat, tensors)]
-    parts = [torch.empty_like(flat) for _ in range(group_size(group))]
-    dist.all_gather(parts, flat, group=group)
-    return [_unflat(p, tensors) for p in parts]
-
-
 def global_imp_scores(sites: List[Site], local: List[List[Tensor]]) -> List[Tensor]:
     """Global score per site: replicated -> [*shape]; per-expert -> [E, *shape] by global expert id.
 
@@ -82,7 +49,7 @@ def global_imp_scores(sites: List[Site], local: List[List[Tensor]]) -> List[Tens
     """
     out: List[Optional[Tensor]] = [None] * len(sites)
     rep = [i for i, s in enumerate(sites) if s.replicated]
-    for i, t in zip(rep, all_reduce_sum([local[i][0] for i in rep])):
+    for i, t in zip(rep, all_reduce_flat([local[i][0] for i in rep], dtype=FP32)):
         out[i] = t
     by_group: Dict[str, List[int]] = defaultdict(list)
     for i, s in enumerate(sites):
@@ -91,8 +58,8 @@ def global_imp_scores(sites: List[Site], local: List[List[Tensor]]) -> List[Tens
     for idx in by_group.values():
         ep, edp = expert_groups(sites[idx[0]])
         stacked = [torch.stack(local[i]) for i in idx]
-        summed = all_reduce_sum(stacked, edp)
-        for i, parts in zip(idx, zip(*all_gather(summed, ep))):
+        summed = all_reduce_flat(stacked, group=edp, dtype=FP32)
+        for i, parts in zip(idx, zip(*all_gather_flat(summed, ep, dtype=FP32))):
             out[i] = torch.cat(parts)  # EP rank r holds experts r*E_local .. (r+1)*E_local - 1
     return [t / world() for t in out]
 
@@ -102,29 +69,13 @@ def global_magnitudes(sites: List[Site], local: List[List[Tensor]]) -> List[Tens
     out: List[Tensor] = []
     for site, parts in zip(sites, local):
         if site.replicated and site.factors_sharded:
-            out.append(all_reduce_sum(parts, expert_groups(site)[0])[0])
+            out.append(all_reduce_flat(parts, group=expert_groups(site)[0], dtype=FP32)[0])
         elif site.replicated:
             out.append(parts[0])
         else:
-            out.append(torch.cat([g[0] for g in all_gather([torch.stack(parts)], expert_groups(site)[0])]))
+            gathered = all_gather_flat([torch.stack(parts)], expert_groups(site)[0], dtype=FP32)
+            out.append(torch.cat([g[0] for g in gathered]))
     return out
-
-
-def _over_ranks(values: list, op, dtype: torch.dtype) -> list:
-    """Element-wise ``op`` of ``values`` over every rank (``values`` unchanged without a group)."""
-    if not dist_on() or world() == 1 or not values:
-        return list(values)
-    t = torch.tensor(values, dtype=dtype, device=comm_device())
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
-def min_over_ranks(value: int) -> int:
-    return int(_over_ranks([value], dist.ReduceOp.MIN, torch.int64)[0])
-
-
-def max_over_ranks(values: List[float]) -> List[float]:
-    return _over_ranks(values, dist.ReduceOp.MAX, torch.float64)
 
 
 def global_counts(sites: List[Site], local: List[List[int]]) -> List[List[int]]:
@@ -136,10 +87,8 @@ def global_counts(sites: List[Site], local: List[List[int]]) -> List[List[int]]:
     sums = [sum(c) for c in local]
     if not any(not s.replicated for s in sites) or not dist_on():
         return sums
-    t = torch.tensor(sums, dtype=torch.int64, device=comm_device())
-    dist.all_reduce(t)
     copies = [world() if s.replicated else world() // (s.num_experts // len(s.masks)) for s in sites]
-    return [int(v) // c for v, c in zip(t.tolist(), copies)]
+    return [int(v) // c for v, c in zip(reduce_values(sums, dtype=torch.int64), copies)]
 
 
 # -- agreement ----------------------------------------------------------------------------------
@@ -158,13 +107,8 @@ def verify(sites: List[Site], when: str) -> List[str]:
         for j, mask in enumerate(site.masks):
             gid = -1 if site.replicated else site.experts[j]
             rows.append([i, gid, *np.frombuffer(mask_digest(mask), dtype=np.int64).tolist()])
-    local = torch.tensor(rows, dtype=torch.int64, device=comm_device()).reshape(-1, 4)
-    if dist_on() and world() > 1:
-        table = [torch.empty_like(local) for _ in range(world())]
-        dist.all_gather(table, local)
-    else:
-        table = [local]
-    table = [t.cpu() for t in table]
+    local = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)  # [masks, (site, expert id, digest halves)]
+    table = [parts[0] for parts in all_gather_flat([local])]  # one [masks, 4] table per rank
     copies: Dict[Tuple[int, int], Dict[Tuple[int, int], List[int]]] = defaultdict(lambda: defaultdict(list))
     for r, t in enumerate(table):
         for site_idx, gid, d0, d1 in t.tolist():

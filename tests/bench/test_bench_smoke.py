@@ -4,8 +4,6 @@ The single-process benchmarks run in the default suite; the ones that spawn gloo
 everything) take a minute or more each on a 2-core machine and are marked ``slow``.
 """
 import json
-import math
-import sys
 
 import pytest
 

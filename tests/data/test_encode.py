@@ -1,12 +1,13 @@
 """Tokenize once, pad per batch, with the real offline MiniLM tokenizer."""
 import importlib.util
 import os
+from functools import partial
 
 import pytest
 import torch
 
-from padnet_ds.data.encode import EncodedTextDataset, collate
-from padnet_ds.data.text import TextSplit
+from padnet_ds.data.encode import EncodedTextDataset, pad_to_length
+from padnet_ds.data.splits import TextSplit
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,8 @@ def tokenizer():
 
 
 SINGLE = TextSplit(["a short one", "a much longer sentence with quite a few more words in it", "hi"], None, [1, 0, 1])
-PAIR = TextSplit(["The cat sat.", "A man is playing a flute."], ["A cat was sitting.", "Someone plays music."], [4.5, 2.0])
+PAIR = TextSplit(["The cat sat.", "A man is playing a flute."], ["A cat was sitting.", "Someone plays music."],
+                 [4.5, 2.0])
 
 
 def test_items_are_unpadded_and_truncated(tokenizer):
@@ -32,14 +34,17 @@ def test_items_are_unpadded_and_truncated(tokenizer):
     assert item["labels"].dtype == torch.long and item["input_ids"][0] == tokenizer.cls_token_id
 
 
-def test_collate_pads_to_longest_in_batch(tokenizer):
+def test_batches_pad_to_the_longest_row_rounded_up_to_8_and_capped(tokenizer):
     ds = EncodedTextDataset(tokenizer, SINGLE, max_length=32)
-    batch = collate([ds[0], ds[2]])
-    n0, n2 = len(ds[0]["input_ids"]), len(ds[2]["input_ids"])
-    assert batch["input_ids"].shape == (2, n0)
-    assert batch["attention_mask"][1].tolist() == [1] * n2 + [0] * (n0 - n2)
+    n0, n1, n2 = (len(ds[i]["input_ids"]) for i in range(3))
+    assert n2 < n0 < 8 < n1
+    batch = pad_to_length([ds[0], ds[2]], 32, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (2, 8)  # longest row n0 < 8, rounded up
+    assert batch["attention_mask"][1].tolist() == [1] * n2 + [0] * (8 - n2)
     assert (batch["input_ids"][1, n2:] == tokenizer.pad_token_id).all()
     assert batch["labels"].tolist() == [1, 1]
+    assert pad_to_length([ds[0], ds[1]], 12, 0)["input_ids"].shape == (2, 12)  # capped at the length
+    assert pad_to_length([ds[0], ds[1]], 64, 0)["input_ids"].shape == (2, -(-n1 // 8) * 8)
 
 
 def test_pairs_and_regression_labels(tokenizer):
@@ -48,10 +53,11 @@ def test_pairs_and_regression_labels(tokenizer):
     assert item["labels"].dtype == torch.float32 and item["labels"].item() == 4.5
     assert item["token_type_ids"].max() == 1  # second sentence segment
     assert (item["input_ids"] == tokenizer.sep_token_id).sum() == 2
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=ds.collate_fn)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=partial(pad_to_length, length=64,
+                                                                              pad_id=tokenizer.pad_token_id))
     batch = next(iter(loader))
     assert batch["labels"].dtype == torch.float32 and batch["input_ids"].shape[0] == 2
     # the tokenizer's own padding gives the same tensors
-    ref = tokenizer(PAIR.texts_a, PAIR.texts_b, padding=True, return_tensors="pt")
+    ref = tokenizer(PAIR.texts_a, PAIR.texts_b, padding=True, pad_to_multiple_of=8, return_tensors="pt")
     for k in ("input_ids", "attention_mask", "token_type_ids"):
         assert torch.equal(batch[k], ref[k]), k

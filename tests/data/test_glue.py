@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from padnet_ds.data import glue
-from padnet_ds.data.text import TextDataConfig, load_text_task, subsample
+from padnet_ds.data.splits import subsample
+from padnet_ds.data.text import TextDataConfig, load_text_task
 
 REPO = Path(__file__).resolve().parents[2]
 GLUE_DIR = Path(os.environ.get("PADNET_SHARED", REPO.parent / "shared")) / "glue"
@@ -160,7 +161,7 @@ def test_task_names_any_spelling():
 def test_unknown_task_and_source():
     with pytest.raises(ValueError, match=r"unknown GLUE task 'sst3'.*cola.*wnli"):
         load_text_task(TextDataConfig(task="sst3", glue_dir="/nowhere"))
-    with pytest.raises(ValueError, match=r"unknown text data source 'imdb'.*glue, files, rotten_tomatoes"):
+    with pytest.raises(ValueError, match=r"data.source='imdb' is not one of glue, files, rotten_tomatoes"):
         load_text_task(TextDataConfig(source="imdb"))
 
 
@@ -275,7 +276,8 @@ def test_hub_missing_column_and_unreachable(tmp_path, offline_datasets):
     feats = {"text": offline_datasets.Value("string"), "label": offline_datasets.Value("int64")}
     write_hub_folder(offline_datasets, tmp_path / "hub", {"sst2": {
         "train": ({"text": ["a"], "label": [0]}, feats), "validation": ({"text": ["b"], "label": [1]}, feats)}})
-    with pytest.raises(ValueError, match=r"sst2/train: missing column\(s\) \['sentence'\]; columns found: \['text', 'label'\]"):
+    with pytest.raises(ValueError,
+                       match=r"sst2/train: missing column\(s\) \['sentence'\]; columns found: \['text', 'label'\]"):
         glue.load("sst2", hub_path=str(tmp_path / "hub"))
     with pytest.raises(RuntimeError, match=r"could not load GLUE cola.*glue_dir"):
         glue.load("cola", hub_path=str(tmp_path / "hub"))

@@ -7,7 +7,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from padnet_ds.data import glue
 from padnet_ds.data.metrics import compute_metrics
-from padnet_ds.data.text import TaskSpec
+from padnet_ds.data.splits import TaskSpec
 
 
 @pytest.mark.parametrize("name", sorted(glue.TASKS))

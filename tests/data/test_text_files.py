@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from padnet_ds.data.text import TextDataConfig, TextSplit, holdout, load_text_task, subsample
+from padnet_ds.data.splits import TextSplit, holdout, subsample
+from padnet_ds.data.text import TextDataConfig, load_text_task
 
 
 def cfg(train, eval_file=None, **kw):
@@ -96,5 +97,5 @@ def test_bad_files(tmp_path):
     (tmp_path / "r.csv").write_text("text,label\na,high\n")
     with pytest.raises(ValueError, match="label 'high' is not a number"):
         load_text_task(cfg(tmp_path / "r.csv", regression=True))
-    with pytest.raises(ValueError, match="one or two columns"):
+    with pytest.raises(ValueError, match=r"data.text_columns: expected 1 to 2 values.*one or two columns"):
         load_text_task(cfg(tmp_path / "r.csv", text_columns=("a", "b", "c")))

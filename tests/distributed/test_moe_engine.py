@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from padnet_ds.engine.distributed import world_size
+from padnet_ds.comm import world_size
 from padnet_ds.engine.setup import build_engine, check_ds_config
 from tests.distributed.toy import Toy, batches, ds_config, expert_state, replicated_state
-from tests.harness import run_ranks
+from padnet_ds.testing import run_ranks
 
 ROWS = 4  # sequences per rank and step
 
@@ -36,9 +36,9 @@ def train_equivalence(ep_size, steps, clip):
                 local_experts=len(model.moe.deepspeed_moe.experts.deepspeed_experts))
 
 
-def test_two_ranks_ep2_zero2_equal_one_rank_ep1_with_clipping():
+def test_two_ranks_ep2_zero2_equal_one_rank_ep1_with_clipping(pool):
     steps, clip = 4, 0.2
-    r0, r1 = run_ranks(train_equivalence, 2, 2, steps, clip)
+    r0, r1 = pool.run(train_equivalence, 2, steps, clip)
     (single,) = run_ranks(train_equivalence, 1, 1, steps, clip)
     assert r0["local_experts"] == r1["local_experts"] == 2 and single["local_experts"] == 4
     assert set(r0["experts"]) == {0, 1} and set(r1["experts"]) == {2, 3}
@@ -58,31 +58,27 @@ def test_two_ranks_ep2_zero2_equal_one_rank_ep1_with_clipping():
             f"{name} did not train: the comparison above would be vacuous"
 
 
-def train_configs(configs, steps):
-    results = {}
-    for stage, bf16 in configs:
-        model = Toy(ep_size=2, seed=stage)
-        engine = build_engine(model, ds_config(stage, ROWS, bf16=bf16, clip=1.0),
-                              optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-        x, y = batches(steps, ROWS, seed=7 + torch.distributed.get_rank())
-        losses = []
-        for s in range(steps):
-            pred, aux = engine(x[s % 8].to(engine.module.inp.weight.dtype))
-            loss = torch.nn.functional.mse_loss(pred.float(), y[s % 8]) + 0.01 * aux.float()
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        results[(stage, bf16)] = losses
-    return results
+def train_layout(stage, bf16, steps):
+    model = Toy(ep_size=2, seed=stage)
+    engine = build_engine(model, ds_config(stage, ROWS, bf16=bf16, clip=1.0),
+                          optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    x, y = batches(steps, ROWS, seed=7 + torch.distributed.get_rank())
+    losses = []
+    for s in range(steps):
+        pred, aux = engine(x[s % 8].to(engine.module.inp.weight.dtype))
+        loss = torch.nn.functional.mse_loss(pred.float(), y[s % 8]) + 0.01 * aux.float()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
 
 
-def test_zero_stages_fp32_and_bf16_learn():
-    configs = [(s, bf) for s in (0, 1, 2) for bf in (False, True)]
-    r0, r1 = run_ranks(train_configs, 2, configs, 40)
-    for cfg in configs:
-        for losses in (r0[cfg], r1[cfg]):
-            first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
-            assert last < 0.7 * first, f"stage/bf16 {cfg}: loss {first:.3f} -> {last:.3f} did not fall"
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2], ids=lambda s: f"zero{s}")
+def test_zero_stages_fp32_and_bf16_learn(pool, stage, bf16):
+    for losses in pool.run(train_layout, stage, bf16, 40):
+        first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+        assert last < 0.7 * first, f"loss {first:.3f} -> {last:.3f} did not fall"
 
 
 def checkpoint_roundtrip(ckpt_dir):
@@ -118,8 +114,8 @@ def checkpoint_roundtrip(ckpt_dir):
         os.path.join(ckpt_dir, "step3"))))
 
 
-def test_save_and_load_checkpoint_round_trip_the_layer_exactly(tmp_path):
-    results = run_ranks(checkpoint_roundtrip, 2, str(tmp_path))
+def test_save_and_load_checkpoint_round_trip_the_layer_exactly(pool, tmp_path):
+    results = pool.run(checkpoint_roundtrip, str(tmp_path))
     for res in results:
         for part in ("replicated", "experts"):
             for key, tensors in res["saved"][part].items():

@@ -3,8 +3,9 @@ import os
 
 import torch
 
-from padnet_ds.engine.distributed import world_size
+from padnet_ds.comm import world_size
 from padnet_ds.engine.setup import build_engine
+from padnet_ds.testing import run_ranks
 from tests.distributed.toy import (
     Toy,
     batches,
@@ -12,7 +13,6 @@ from tests.distributed.toy import (
     expert_state,
     replicated_state,
 )
-from tests.harness import run_ranks
 
 ROWS = 4  # sequences per rank and step at 2 ranks
 
@@ -47,9 +47,9 @@ def train(ep_size, steps, clip, variants):
     return out
 
 
-def test_packed_two_ranks_ep2_zero2_equal_one_rank_and_the_dense_layer():
+def test_packed_two_ranks_ep2_zero2_equal_one_rank_and_the_dense_layer(pool):
     steps, clip = 4, 0.3
-    r0, r1 = run_ranks(train, 2, 2, steps, clip, ("packed", "dense"))
+    r0, r1 = pool.run(train, 2, steps, clip, ("packed", "dense"))
     (single,) = run_ranks(train, 1, 1, steps, clip, ("packed",))
     p0, p1, ps = r0["packed"], r1["packed"], single["packed"]
     assert p0["packed"] and ps["packed"] and not r0["dense"]["packed"]
@@ -113,8 +113,8 @@ def checkpoint_roundtrip(ckpt_dir):
                 dynamic={u.name: u.positions.numel() for u in model.moe.pad_units()})
 
 
-def test_packed_checkpoint_round_trips_exactly_with_one_file_per_expert(tmp_path):
-    results = run_ranks(checkpoint_roundtrip, 2, str(tmp_path))
+def test_packed_checkpoint_round_trips_exactly_with_one_file_per_expert(pool, tmp_path):
+    results = pool.run(checkpoint_roundtrip, str(tmp_path))
     for res in results:
         for name, t in res["saved"]["replicated"].items():
             assert torch.equal(t, res["loaded"]["replicated"][name]), name

@@ -23,6 +23,16 @@ def test_yaml_plus_overrides_build_one_typed_config(tmp_path):
     ("train:\n  stepz: 5\n", [], "unknown config key train.stepz"),
     ("", ["bogus=1"], "unknown config key bogus"),
     ("", ["train.steps=many"], "train.steps: expected an integer, got 'many'"),
+    ("", ["train.micro_batch_size=0"], "train.micro_batch_size=0 must be an integer >= 1"),
+    ("", ["train.grad_accum=0"], "train.grad_accum=0 must be an integer >= 1"),
+    ("", ["train.steps=0"], "train.steps=0 must be an integer >= 1"),
+    ("", ["optim.lr=0"], "optim.lr=0 must be > 0"),
+    ("", ["optim.lr=true"], "optim.lr: expected a number, got True"),
+    ("", ["model.max_length=0"], "model.max_length=0 must be an integer >= 1"),
+    ("", ["train.eval_every=-5"], "train.eval_every=-5 must be an integer >= 0"),
+    ("", ["optim.betas=[0.9, 1.0]"], r"optim.betas\[1\]=1.0 must be in \[0, 1\)"),
+    ("", ["data.source=imdb"], "data.source='imdb' is not one of glue, files, rotten_tomatoes"),
+    ("", ["moe.num_experts=6", "moe.ep_size=4"], "num_experts=6 is not divisible by ep_size=4"),
     ("", ["resume=yes please"], "resume: expected true or false"),
     ("", ["moe.k=1.5"], "moe.k: expected an integer"),
     ("", ["partition.ratio=1.5"], r"partition.ratio=1.5 must be in \(0, 1\]"),
@@ -55,7 +65,7 @@ def test_shipped_configs_are_valid():
 def test_trainer_adamw_is_fused_unless_switched_off(tmp_path, override, fused):
     import torch
 
-    from padnet_ds.engine.trainer import optimizer_and_schedule
+    from padnet_ds.engine.setup import optimizer_and_schedule
 
     cfg = load_config(write(tmp_path, ""), ["optim.lr=0.01"] + override)
     make_opt, _ = optimizer_and_schedule(cfg, {}, total_steps=10)

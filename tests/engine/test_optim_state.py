@@ -5,7 +5,6 @@ import torch
 from padnet_ds.engine import optim_state
 from padnet_ds.engine.setup import build_engine
 from tests.distributed.toy import Toy, batches, ds_config
-from tests.harness import run_ranks
 
 ROWS = 4
 
@@ -52,9 +51,9 @@ def carry(configs):
     return results
 
 
-def test_state_written_into_a_fresh_engine_continues_exactly():
+def test_state_written_into_a_fresh_engine_continues_exactly(pool):
     configs = [(0, False), (1, False), (2, False), (0, True), (2, True)]
-    for res in run_ranks(carry, 2, configs):
+    for res in pool.run(carry, configs):
         for cfg, r in res.items():
             assert r["keys"] == ["exp_avg", "exp_avg_sq"], cfg
             assert r["exact"], f"{cfg}: what was written is not what is read back"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from padnet_ds.engine.distributed import free_port
-from tests.harness import run_ranks
+from padnet_ds.comm import free_port
+from padnet_ds.testing import deepspeed_shm_files, run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.name=minilm", "model.random_init={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
@@ -36,19 +36,21 @@ def read_events(logdir):
 
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
-    return acc.Tags()
+    return acc
 
 
 def test_deepspeed_launcher_run_writes_summary_tensorboard_and_a_checkpoint_inspect_and_eval_read(
         tmp_path, shared_dir):
-    out = tmp_path / "run"
-    shm_before = {p for p in os.listdir("/dev/shm") if p.startswith("deepspeed")}
+    out, port, rows = tmp_path / "run", free_port(), 63  # an odd count: one rank's shard gets a flagged duplicate
     res = launch(["train", "configs/smoke.yaml", f"output_dir={out}", *TINY, *glue(shared_dir),
-                  "train.steps=12", "train.eval_every=6", "train.checkpoint_every=6"], free_port())
+                  f"data.max_eval_examples={rows}", "train.steps=12", "train.eval_every=6",
+                  "train.checkpoint_every=6"], port)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert f"tensorboard --logdir {out}/tensorboard" in res.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["eval"]) == {"accuracy"} and 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    assert set(summary["eval"]) == {"accuracy"}
+    correct = summary["eval"]["accuracy"] * rows
+    assert correct == pytest.approx(round(correct), abs=1e-9), "every eval row counted exactly once"
     assert summary["steps"] == 12 and summary["world_size"] == 2
     assert summary["dynamic_ratio"] == pytest.approx(0.5, abs=0.01)
     assert len(summary["partition_log"]) == 2
@@ -57,8 +59,14 @@ def test_deepspeed_launcher_run_writes_summary_tensorboard_and_a_checkpoint_insp
     layers = summary["layers"]
     assert len(layers) == 4 and all({"lambda_d", "lambda_s", "dynamic_ratio"} <= set(v) for v in layers.values())
 
-    tags = read_events(out / "tensorboard")
+    events = read_events(out / "tensorboard")
+    tags = events.Tags()
     scalars = set(tags["scalars"])
+    evals = {e.step: e.value for e in events.Scalars("eval/accuracy")}  # the eval at step 6 and the final one
+    assert sorted(evals) == [6, 12] and summary["eval"]["accuracy"] == pytest.approx(evals[12], abs=1e-6)
+    best = max(evals, key=lambda s: (evals[s], -s))
+    assert summary["best_eval"]["step"] == best and summary["best_eval"]["accuracy"] == pytest.approx(evals[best])
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
     for tag in ("train/loss", "train/lr", "train/l_aux", "eval/accuracy", "perf/tokens_per_s"):
         assert tag in scalars, tag
     unit = "bert.encoder.layer.0.output.moe.pad.fc1"
@@ -66,7 +74,7 @@ def test_deepspeed_launcher_run_writes_summary_tensorboard_and_a_checkpoint_insp
         assert f"pad/{unit}/{what}" in scalars
     assert any(t.startswith("moe/bert.encoder.layer.1.output.moe/expert_3_load") for t in scalars)
     assert "moe/expert_load_heatmap" in tags["images"]
-    assert {p for p in os.listdir("/dev/shm") if p.startswith("deepspeed")} == shm_before, "leaked /dev/shm"
+    assert deepspeed_shm_files(port) == [], "the run left DeepSpeed shared-memory buffers in /dev/shm"
 
     info = subprocess.run([sys.executable, "-m", "padnet_ds.cli", "inspect", str(out), "--json"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
@@ -83,7 +91,20 @@ def test_deepspeed_launcher_run_writes_summary_tensorboard_and_a_checkpoint_insp
                         text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert ev.returncode == 0, ev.stderr[-3000:]
     metrics = json.loads(ev.stdout[ev.stdout.index("{"):])
-    assert metrics["accuracy"] == pytest.approx(summary["eval"]["accuracy"], abs=1e-9)
+    assert metrics["accuracy"] == pytest.approx(summary["eval"]["accuracy"], abs=1e-9) and metrics["rows"] == rows
+
+    from padnet_ds.engine.checkpoint_reader import read_checkpoint
+
+    ckpt = read_checkpoint(str(out))  # the offline reader: replicated state + {layer: {global expert: state}}
+    assert ckpt.tag == "step12" and ckpt.loop_state["step"] == 12
+    assert ckpt.loop_state["history"] == summary["history"]
+    assert sorted(ckpt.experts) == [f"bert.encoder.layer.{i}.output.moe" for i in range(2)]
+    assert all(sorted(by_id) == [0, 1, 2, 3] for by_id in ckpt.experts.values())
+    assert not any(".deepspeed_experts." in k for k in ckpt.replicated)
+    files = {k: t for f in ckpt.tag_dir.glob("layer_*_expert_*_model_states.pt")
+             for k, t in torch.load(f, map_location="cpu", weights_only=False).items()}
+    merged = ckpt.expert_state_dict()  # back under DeepSpeed's key names, every global expert
+    assert set(merged) == set(files) and all(torch.equal(merged[k], files[k]) for k in files)
 
 
 def train_in_ranks(args):

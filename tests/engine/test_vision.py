@@ -1,5 +1,6 @@
 """The image task: PAD DY-Conv ResNets trained by the same engine as text (2 real ranks)."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 
 from padnet_ds.conv.dyconv import dyconv_modules, temperature_at
 from padnet_ds.engine.config import ConfigError, load_config
-from tests.harness import run_ranks
+from padnet_ds.testing import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 # A tiny PAD ResNet-18 (8/16/32/64 channels, K=4) on MNIST-5k; partitions after steps 30 and 40.
@@ -45,12 +46,17 @@ def test_two_rank_pad_resnet_partitions_to_30_percent_with_identical_masks_and_l
     # ResNet-18 has 16 residual-block convs, each one PAD unit
     assert len([n for n in r0["layers"] if n.endswith(".pad")]) == 16
     assert r0["eval"] == r1["eval"]
-    print(f"tiny PAD ResNet-18 on MNIST-5k, {STEPS} steps: test accuracy {r0['eval']['accuracy']:.4f}")
-    assert r0["eval"]["accuracy"] > 0.5  # chance is 0.1
+    from padnet_ds.engine.image_task import load_data, vision_config
+
+    labels = load_data(vision_config(load_config(str(out / "config.yaml")))).test.tensors[1]
+    majority = float(torch.bincount(labels).max()) / len(labels)
+    print(f"tiny PAD ResNet-18 on MNIST-5k, {STEPS} steps: test accuracy {r0['eval']['accuracy']:.4f} "
+          f"(majority class {majority:.4f})")
+    assert r0["eval"]["accuracy"] > max(0.5, 4 * majority)
 
 
 def test_temperature_annealing_follows_the_epoch_and_is_checkpointed(pad_run):
-    from padnet_ds.engine.vision import build_model, load_data, vision_config
+    from padnet_ds.engine.image_task import build_model, load_data, vision_config
 
     out, (r0, _) = pad_run
     cfg = load_config(str(out / "config.yaml"))
@@ -97,7 +103,8 @@ def test_inspect_reports_dyconv_kernel_counts(pad_run):
 
 
 def test_image_model_forward_loss_and_hook():
-    from padnet_ds.engine.vision import ImageClassifier, temperature_hook, vision_config
+    from padnet_ds.engine.image_task import temperature_hook, vision_config
+    from padnet_ds.models.image import ImageClassifier
     from padnet_ds.models.resnet import build_resnet
 
     cfg = load_config("configs/mnist_pad.yaml", ["extra.vision.anneal_epochs=4"])
@@ -118,10 +125,11 @@ def test_image_model_forward_loss_and_hook():
     (["extra.vision.colour=RGB"], "unknown config key extra.vision.colour"),
     (["extra.vision.conv=dyconv"], "extra.vision.conv='dyconv' is not one of pad, dynamic, static"),
     (["extra.vision.depth=34"], "extra.vision.depth=34 is not one of 18, 50"),
-    (["extra.vision.depth=eighteen"], "extra.vision.depth: expected an integer"),
-    (["extra.vision.width=0"], "extra.vision.width=0.0 must be > 0"),
-    (["extra.vision.temperature_end=0"], "extra.vision.temperature_end=0.0 must be > 0"),
-    (["extra.vision.bn_momentum=2"], "extra.vision.bn_momentum=2.0 must be in (0, 1]"),
+    (["extra.vision.depth=eighteen"], "extra.vision.depth='eighteen' is not one of 18, 50"),
+    (["extra.vision.width=0"], "extra.vision.width=0 must be > 0"),
+    (["extra.vision.temperature_end=0"], "extra.vision.temperature_end=0 must be > 0"),
+    (["extra.vision.bn_momentum=2"], "extra.vision.bn_momentum=2 must be in (0, 1]"),
+    (["extra.vision.num_kernels=true"], "extra.vision.num_kernels: expected an integer, got True"),
     (["extra.vision.static_init=zeros"], "extra.vision.static_init='zeros' is not one of random, kernel_mean"),
     (["extra.vision.dataset=folder"], "extra.vision.root=None must name the image folder"),
     (["extra.vision.dataset=cifar"], "extra.vision.dataset='cifar' is not one of"),
@@ -131,15 +139,15 @@ def test_image_model_forward_loss_and_hook():
     (["extra.vision.conv=static"], "extra.vision.conv='static' builds an ordinary ResNet"),
 ])
 def test_bad_vision_config_names_the_key(override, message):
-    from padnet_ds.engine.tasks import build_task
+    from padnet_ds.engine.validate import validate_run
 
     cfg = load_config("configs/mnist_pad.yaml", override)
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        build_task(cfg)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_run(cfg)
 
 
 def test_shipped_image_configs_are_valid():
-    from padnet_ds.engine.vision import vision_config
+    from padnet_ds.engine.image_task import vision_config
 
     for name, conv in (("mnist_pad", "pad"), ("mnist_dyconv", "dynamic"), ("mnist_static", "static")):
         cfg = load_config(f"configs/{name}.yaml")

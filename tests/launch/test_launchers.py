@@ -2,97 +2,27 @@
 and must reach the same losses; a launcher run must leave /dev/shm as it found it."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-LAUNCH = REPO / "launch"
-# identical for every launcher: a tiny random-init encoder, 12 steps, partition rounds at 4, 6
-TRAIN = ["train", "configs/smoke.yaml", "train.steps=12", "partition.warmup_steps=4", "partition.interval=2",
-         "partition.steps=2", "data.max_train_examples=192", "data.max_eval_examples=32", "train.log_every=4",
-         "train.eval_every=0", "train.checkpoint_every=0"]
-TIMEOUT = 420
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_env(**extra) -> dict:
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTFILE", "NODE_RANK"):
-        env.pop(k, None)
-    env.update(PYTHON=sys.executable, NPROC="2", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               MASTER_PORT=str(free_port()), TORCHRUN_ARGS="", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def check_run(procs, out: Path, log: Path) -> dict:
-    for p in procs:
-        try:
-            p.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"launcher timed out; log {log}:\n{log.read_text()[-4000:]}")
-    if any(p.returncode for p in procs) or not (out / "summary.json").is_file():
-        pytest.fail(f"launcher failed (rc {[p.returncode for p in procs]}); log {log}:\n{log.read_text()[-6000:]}")
-    return json.loads((out / "summary.json").read_text())
-
-
-def run(script: str, out: Path, env: dict, *, log: Path) -> dict:
-    with open(log, "w") as f:
-        p = subprocess.Popen([str(LAUNCH / script), *TRAIN, f"output_dir={out}"], cwd=REPO, env=env,
-                             stdout=f, stderr=subprocess.STDOUT)
-    return check_run([p], out, log)
-
-
-def shm_buffers() -> set:
-    return {p.name for p in Path("/dev/shm").glob("deepspeed_*")} if Path("/dev/shm").is_dir() else set()
-
-
-def losses(summary: dict):
-    return summary["train_loss"], [h["loss"] for h in summary["history"]]
-
-
-def assert_same_losses(got: dict, ref: dict, launcher: str):
-    (final, hist), (rfinal, rhist) = losses(got), losses(ref)
-    assert got["world_size"] == ref["world_size"] == 2
-    assert got["steps"] == ref["steps"] == 12
-    assert final == pytest.approx(rfinal, rel=1e-4, abs=1e-5), f"{launcher}: final loss {final} != {rfinal}"
-    assert hist == pytest.approx(rhist, rel=1e-4, abs=1e-5), f"{launcher}: loss history {hist} != {rhist}"
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The deepspeed launcher, 2 local ranks: the reference run, with /dev/shm watched."""
-    tmp = tmp_path_factory.mktemp("deepspeed")
-    before = shm_buffers()
-    t0 = time.monotonic()
-    summary = run("deepspeed.sh", tmp / "run", launch_env(), log=tmp / "log.txt")
-    summary["_wall_s"] = time.monotonic() - t0
-    summary["_shm_new"] = sorted(shm_buffers() - before)
-    return summary
+from .launchers import LAUNCH, REPO, TRAIN, assert_same_losses, check_run, launch_env, run
 
 
 def test_deepspeed_launcher_two_local_ranks(reference):
     assert reference["world_size"] == 2 and reference["steps"] == 12
-    assert len(reference["history"]) == 3 and all(h["loss"] > 0 for h in reference["history"])
+    assert [h["step"] for h in reference["history"]] == [4, 8, 12]
+    # both ranks took part in one process group: every partition step saw two identical mask tables
+    assert [e["global_step"] for e in reference["partition_log"]] == [6, 8]
+    for entry in reference["partition_log"]:
+        assert len(entry["mask_digests"]) == 2 and entry["mask_digests"][0] == entry["mask_digests"][1]
 
 
 def test_launcher_run_leaves_dev_shm_clean(reference):
-    assert reference["_shm_new"] == [], f"the run left shared-memory files behind: {reference['_shm_new']}"
+    assert reference["_shm_left"] == [], f"the run left shared-memory files behind: {reference['_shm_left']}"
 
 
 @pytest.mark.slow

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from padnet_ds.comm import free_port
+
 PREFLIGHT = Path(__file__).resolve().parents[2] / "launch" / "preflight.py"
 FAST_S = 10.0
 
@@ -23,12 +25,6 @@ def preflight(*args, path=None, **env_extra):
     elapsed = time.monotonic() - t0
     assert elapsed < FAST_S, f"preflight took {elapsed:.1f} s"
     return r
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ok_on_localhost():
@@ -84,7 +80,8 @@ def test_busy_master_port():
     assert r.returncode == 1
     assert f"master port {port}" in r.stderr and "busy" in r.stderr and "MASTER_PORT" in r.stderr
     # node rank 1 joins the rendezvous on that port: busy is expected there
-    r = preflight("--launcher", "torchrun", "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port", str(port))
+    r = preflight("--launcher", "torchrun", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                  "--master-port", str(port))
     assert r.returncode == 0, r.stderr
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from .test_launchers import LAUNCH, REPO, TRAIN, assert_same_losses, check_run, free_port, launch_env, reference  # noqa: F401
+from padnet_ds.comm import free_port
+
+from .launchers import LAUNCH, REPO, TRAIN, assert_same_losses, check_run, launch_env
 
 FAKE_SRUN = r'''#!/usr/bin/env bash
 # fake srun: SLURM_NTASKS tasks on this machine (--ntasks-per-node=1: one task per node of the job)

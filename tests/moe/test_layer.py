@@ -61,7 +61,8 @@ def copy_into_plain_moe(layer: PADMoE) -> MoE:
     plain = MoE(H, FFNExpert(fc1, fc2, nn.GELU()), num_experts=E, k=2, drop_tokens=False)
     with torch.no_grad():
         plain.deepspeed_moe.gate.wg.weight.copy_(layer.deepspeed_moe.gate.wg.weight)
-        for src, dst in zip(layer.deepspeed_moe.experts.deepspeed_experts, plain.deepspeed_moe.experts.deepspeed_experts):
+        for src, dst in zip(layer.deepspeed_moe.experts.deepspeed_experts,
+                            plain.deepspeed_moe.experts.deepspeed_experts):
             for name in ("fc1", "fc2"):
                 getattr(dst, name).weight.copy_(getattr(src, name).weight)
                 getattr(dst, name).bias.copy_(getattr(src, name).bias)

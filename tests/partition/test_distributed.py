@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from padnet_ds.engine.setup import build_engine
 from padnet_ds.partition import PartitionConfig, Partitioner
-from tests.harness import run_ranks
+from padnet_ds.testing import run_ranks
 from tests.partition.toy import PToy, data, ds_config, masks_by_expert, params
 
 ROWS = 4  # sequences per rank and micro-batch
@@ -18,7 +18,8 @@ def frozen_sgd(p):
     return torch.optim.SGD(p, lr=0.0)  # weights stay fixed, so 2 ranks and 1 process score the same model
 
 
-def score_runs(configs, union):
+def score_run(ep, stage, union):
+    """Masks, partition log and global scores of 4 optimizer steps (partition steps after 2 and 4)."""
     import padnet_ds.partition.partitioner as pp
 
     rank = torch.distributed.get_rank()
@@ -31,9 +32,7 @@ def score_runs(configs, union):
     recorded = []
     orig = pp.global_imp_scores
     pp.global_imp_scores = lambda sites, local: recorded.append(orig(sites, local)) or recorded[-1]
-    out = {}
-    for ep, stage in configs:
-        recorded.clear()
+    try:
         model = PToy(ep_size=ep)
         engine = build_engine(model, ds_config(stage, x.shape[1], ACCUM), optimizer=frozen_sgd)
         part = Partitioner(engine.module, PartitionConfig(ratio=0.5, warmup_steps=0, interval=2, steps=2), engine)
@@ -46,37 +45,42 @@ def score_runs(configs, union):
                 engine.step()
             if part.after_step(g + 1) is not None:
                 masks.append(masks_by_expert(model))
-        out[(ep, stage)] = dict(masks=masks, log=part.log, scores=[[t.clone() for t in r] for r in recorded],
-                                ratios=part.layer_ratios(), overall=part.overall_ratio())
-    pp.global_imp_scores = orig
-    return out
+    finally:
+        pp.global_imp_scores = orig
+    return dict(masks=masks, log=part.log, scores=[[t.clone() for t in r] for r in recorded],
+                ratios=part.layer_ratios(), overall=part.overall_ratio())
 
 
-def test_two_ranks_different_data_match_one_process_on_the_union():
-    configs = [(ep, stage) for ep in (1, 2) for stage in (0, 1, 2)]
-    r0, r1 = run_ranks(score_runs, 2, configs, False)
-    (ref,) = run_ranks(score_runs, 1, [(1, 0)], True)
-    ref = ref[(1, 0)]
+@pytest.fixture(scope="module")
+def union_reference():
+    """One process scoring each step on the union of both ranks' micro-batches (ep_size 1, ZeRO 0)."""
+    (ref,) = run_ranks(score_run, 1, 1, 0, True)
     assert len(ref["masks"]) == 2 and len(ref["log"]) == 2
-    for cfg in configs:
-        a, b = r0[cfg], r1[cfg]
-        assert a["log"] == b["log"], f"{cfg}: partition logs differ between ranks"
-        assert a["ratios"] == b["ratios"] == ref["ratios"] and a["overall"] == ref["overall"]
-        for got, want in zip(a["scores"], ref["scores"]):
-            for s, w in zip(got, want):
-                torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-9)
-        for step, (m0, m1, want) in enumerate(zip(a["masks"], b["masks"], ref["masks"])):
-            merged = {**m0, **m1}
-            assert set(merged) == set(want)
-            for key, mask in merged.items():
-                assert torch.equal(mask, want[key]), f"{cfg} step {step + 1}: mask {key} differs from one process"
-            for key in set(m0) & set(m1):  # copies held by both ranks
-                assert torch.equal(m0[key], m1[key])
-        for e, w in zip(a["log"], ref["log"]):
-            assert {k: v for k, v in e.items() if k != "mask_digests"} == \
-                {k: v for k, v in w.items() if k != "mask_digests"}
-            assert len(e["mask_digests"]) == 2
-        assert any(not m.all() for m in a["masks"][-1].values())
+    return ref
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2], ids=lambda s: f"zero{s}")
+@pytest.mark.parametrize("ep", [1, 2], ids=lambda e: f"ep{e}")
+def test_two_ranks_different_data_match_one_process_on_the_union(pool, union_reference, ep, stage):
+    ref = union_reference
+    a, b = pool.run(score_run, ep, stage, False)
+    assert a["log"] == b["log"], "partition logs differ between ranks"
+    assert a["ratios"] == b["ratios"] == ref["ratios"] and a["overall"] == ref["overall"]
+    for got, want in zip(a["scores"], ref["scores"]):
+        for s, w in zip(got, want):
+            torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-9)
+    for step, (m0, m1, want) in enumerate(zip(a["masks"], b["masks"], ref["masks"])):
+        merged = {**m0, **m1}
+        assert set(merged) == set(want)
+        for key, mask in merged.items():
+            assert torch.equal(mask, want[key]), f"step {step + 1}: mask {key} differs from one process"
+        for key in set(m0) & set(m1):  # copies held by both ranks
+            assert torch.equal(m0[key], m1[key])
+    for e, w in zip(a["log"], ref["log"]):
+        assert {k: v for k, v in e.items() if k != "mask_digests"} == \
+            {k: v for k, v in w.items() if k != "mask_digests"}
+        assert len(e["mask_digests"]) == 2
+    assert any(not m.all() for m in a["masks"][-1].values())
 
 
 def train(engine, part, x, y, start, stop, record):
@@ -117,9 +121,9 @@ def checkpoint_run(ckpt_dir, phase):
     return dict(record=record, loaded=loaded, log=part.log, files=files)
 
 
-def test_checkpoint_mid_schedule_resumes_identically(tmp_path):
-    full = run_ranks(checkpoint_run, 2, str(tmp_path), "full")
-    resumed = run_ranks(checkpoint_run, 2, str(tmp_path), "resume")
+def test_checkpoint_mid_schedule_resumes_identically(pool, tmp_path):
+    full = pool.run(checkpoint_run, str(tmp_path), "full")
+    resumed = pool.run(checkpoint_run, str(tmp_path), "resume")
     for r in range(2):
         f, res = full[r], resumed[r]
         assert [e["global_step"] for e, _ in f["record"]] == [4, 6, 8]
@@ -143,35 +147,36 @@ def test_checkpoint_mid_schedule_resumes_identically(tmp_path):
         ["padnet_partition_rank0.pt", "padnet_partition_rank1.pt"]
 
 
-def corrupt_run():
+def corrupt_run(ep, layer, who):
+    """Mask entry 3 of one copy flipped on rank ``who`` only, then the next partition step's check."""
     rank = torch.distributed.get_rank()
     x, y = data(4, ROWS, seed=30 + rank)
-    out = {}
-    for ep, layer, who in ((2, 0, 1), (1, 1, 0)):
-        model = PToy(ep_size=ep)
-        engine = build_engine(model, ds_config(1, ROWS), optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
-        part = Partitioner(engine.module, PartitionConfig(ratio=0.5, warmup_steps=0, interval=1, steps=3), engine)
-        train(engine, part, x, y, 0, 1, [])
-        if rank == who:  # one entry of one copy changes on one rank only
-            moe = model.moes[layer]
-            unit = moe.pad_units()[1]
-            mask = moe.masks(unit)[-1]
-            mask.view(-1)[3] = ~mask.view(-1)[3]
-        try:
-            train(engine, part, x, y, 1, 2, [])
-            out[(ep, layer)] = "no error"
-        except RuntimeError as err:
-            out[(ep, layer)] = str(err)
-    return out
+    model = PToy(ep_size=ep)
+    engine = build_engine(model, ds_config(1, ROWS), optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+    part = Partitioner(engine.module, PartitionConfig(ratio=0.5, warmup_steps=0, interval=1, steps=3), engine)
+    train(engine, part, x, y, 0, 1, [])
+    if rank == who:
+        moe = model.moes[layer]
+        unit = moe.pad_units()[1]
+        mask = moe.masks(unit)[-1]
+        mask.view(-1)[3] = ~mask.view(-1)[3]
+    try:
+        train(engine, part, x, y, 1, 2, [])
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
 
 
-def test_mask_corrupted_on_one_rank_is_detected_on_every_rank():
-    results = run_ranks(corrupt_run, 2, timeout=200)
-    for res in results:
-        shared, expert = res[(2, 0)], res[(1, 1)]
-        assert "before partition step 2" in shared and "layer moes.0 unit moes.0.pad.fc2" in shared
-        assert "ranks [0] hold" in shared and "ranks [1] hold" in shared
-        assert "layer moes.1 unit moes.1.pad.fc2 expert 3" in expert
+@pytest.mark.parametrize("ep, layer, who, where", [
+    (2, 0, 1, "layer moes.0 unit moes.0.pad.fc2:"),  # the shared mask, changed on rank 1
+    (1, 1, 0, "layer moes.1 unit moes.1.pad.fc2 expert 3"),  # expert 3's own mask, changed on rank 0
+], ids=["shared-mask", "expert-mask"])
+def test_mask_corrupted_on_one_rank_is_detected_on_every_rank(pool, ep, layer, who, where):
+    results = pool.run(corrupt_run, ep, layer, who, timeout=200)
+    for msg in results:
+        assert "before partition step 2" in msg and where in msg, msg
+    if layer == 0:
+        assert "ranks [0] hold" in results[0] and "ranks [1] hold" in results[0]
     assert results[0] == results[1]
 
 
@@ -201,8 +206,8 @@ def before_training_run():
                 overall=overall, extra=extra)
 
 
-def test_before_training_partitions_without_touching_weights():
-    r0, r1 = run_ranks(before_training_run, 2)
+def test_before_training_partitions_without_touching_weights(pool):
+    r0, r1 = pool.run(before_training_run)
     assert r0["entries"] == r1["entries"] and r0["extra"] == r1["extra"]
     assert [e["step"] for e in r0["entries"]] == [1, 2]
     assert r0["entries"][0]["ratio"] == pytest.approx(0.5 ** 0.5)

@@ -1,0 +1,65 @@
+"""The text workload (``task: text``): a BERT-family classifier upcycled to PAD-MoE on GLUE, files or
+Rotten Tomatoes (the run config's ``model``, ``moe`` and ``data`` sections).
+
+Batches must have the same shape on every rank when experts are sharded: DeepSpeed's expert
+capacity, and so the all-to-all buffer size, depends on the tokens per rank. A batch is padded
+to its own longest row (rounded up to 8, capped at ``model.max_length``), then to the longest
+row *across ranks* (:func:`align_lengths`, one scalar all-reduce per micro-batch).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..comm import reduce_values, world_size
+from ..settings import ConfigError
+from .config import RunConfig
+from .tasks import Batch, Task, register_task
+
+
+def align_lengths(batch: Batch, pad_id: int) -> Batch:
+    """Pad the sequence dimension to the longest across ranks (collective: every rank, every batch)."""
+    if "input_ids" not in batch:
+        return batch
+    length = int(reduce_values([batch["input_ids"].shape[1]], dist.ReduceOp.MAX, torch.int64)[0])
+    extra = length - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    return {k: (F.pad(v, (0, extra), value=pad_id if k == "input_ids" else 0) if k != "labels" and v.ndim == 2
+                else v) for k, v in batch.items()}
+
+
+def check_text_config(cfg: RunConfig) -> None:
+    world = world_size()
+    if not cfg.model.dense and world % cfg.moe.ep_size:
+        raise ConfigError(f"moe.ep_size={cfg.moe.ep_size} does not divide the world size {world}: expert-parallel "
+                          "groups tile the ranks, so launch a multiple of ep_size ranks or change moe.ep_size")
+
+
+def text_task(cfg: RunConfig) -> Task:
+    from ..data.encode import EncodedTextDataset, pad_to_length
+    from ..data.metrics import compute_metrics
+    from ..data.text import load_text_task
+    from ..models.encoder import build_classifier
+    from ..models.pretrained import load_tokenizer
+
+    spec, train, evals = load_text_task(cfg.data)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+    moe = None if cfg.model.dense else cfg.moe
+    model = build_classifier(cfg.model.name, spec.num_labels, spec.is_regression, moe,
+                             random_init_config=cfg.model.random_init)
+    length = cfg.model.max_length
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Task(name=spec.name, model=model,
+                train_set=EncodedTextDataset(tokenizer, train, length, regression=spec.is_regression),
+                eval_set=EncodedTextDataset(tokenizer, evals, length, regression=spec.is_regression),
+                collate=partial(pad_to_length, length=length, pad_id=pad_id),
+                metrics=partial(compute_metrics, spec), main_metric=spec.main_metric,
+                is_regression=spec.is_regression, throughput_unit="tokens",
+                align=partial(align_lengths, pad_id=pad_id))
+
+
+register_task("text", text_task, check=check_text_config)
