@@ -1,4 +1,4 @@
-"""Packed PAD weights: once a mask is final, only its dynamic entries are stored (PAD_SPEC section 10).
+"""Packed PAD weights: once a mask is final, only its dynamic entries are stored (docs/PAD.md section 9).
 
 Notation: a factor (expert weight) has P entries; ``idx`` are the mask's dynamic positions
 (flat, ascending, int32; ``n = |idx| = rP``) and ``cidx`` their complement. Expert e holds
