@@ -233,6 +233,7 @@ class Trainer:
         state = self.partitioner.state_dict()
         self.partitioner = self.build_partitioner()
         self.partitioner.load_state_dict(state)
+        self.monitor.scalars({"partition/packed": 1.0}, self.state.step)  # TensorBoard: the step it packed at
         log.info("step %d: switched to packed storage (partition.pack=%s)", self.state.step, self.cfg.partition.pack)
 
     def log_step(self) -> None:

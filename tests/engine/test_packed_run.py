@@ -5,7 +5,7 @@ import hashlib
 import pytest
 import torch
 
-from tests.engine.test_train import TINY, glue
+from tests.engine.test_train import TINY, glue, read_events
 
 STEPS = ["train.steps=12", "train.checkpoint_every=10", "train.eval_every=0", "train.keep_checkpoints=0"]
 KEYS = ("history", "partition_log", "dynamic_ratio", "steps", "eval", "packed", "model_state_bytes",
@@ -51,6 +51,7 @@ def test_packing_after_the_last_partition_step_loses_nothing(runs):
     root, _, packed, dense = runs
     assert packed["packed"] is True and dense["packed"] is False
     assert [e["global_step"] for e in packed["partition_log"]] == [6, 8]
+    assert [e.step for e in read_events(root / "packed" / "tensorboard").Scalars("partition/packed")] == [8]
     losses = {run: [h["loss"] for h in r["history"]] for run, r in (("packed", packed), ("dense", dense))}
     assert len(losses["packed"]) == 12
     torch.testing.assert_close(losses["packed"], losses["dense"], rtol=1e-5, atol=1e-6)
@@ -99,7 +100,22 @@ def test_init_from_starts_a_packed_fine_tune_from_either_layout(pool, runs):
         assert run["eval"] == pytest.approx((packed if source == "packed" else dense)["eval"], abs=1e-6)
 
 
+def test_before_training_imp_packs_before_the_first_optimizer_step(pool, runs):
+    root, common, _, _ = runs
+    before = [*common, "partition.mode=before_training", "partition.perturb_std=0.05", "partition.scoring_batches=2",
+              "train.steps=6", "train.checkpoint_every=0"]
+    packed, _ = pool.run(train_in_ranks, [f"output_dir={root}/bt_packed", *before])
+    dense, _ = pool.run(train_in_ranks, [f"output_dir={root}/bt_dense", *before, "partition.pack=false"])
+    assert packed["packed"] and [e["global_step"] for e in packed["partition_log"]] == [0, 0]
+    assert [e.step for e in read_events(root / "bt_packed" / "tensorboard").Scalars("partition/packed")] == [0]
+    torch.testing.assert_close([h["loss"] for h in packed["history"]], [h["loss"] for h in dense["history"]],
+                               rtol=1e-5, atol=1e-6)
+    assert [e["mask_digests"] for e in packed["partition_log"]] == [e["mask_digests"] for e in dense["partition_log"]]
+
+
 def test_bad_packing_input_fails_on_every_rank_and_changes_nothing(pool, runs):
+    import shutil
+
     root, common, _, _ = runs
     before = files_of(root / "packed")
     msgs = pool.run(error_in_ranks, [f"output_dir={root}/packed", *common, "resume=true", "partition.pack=false"])
@@ -110,6 +126,18 @@ def test_bad_packing_input_fails_on_every_rank_and_changes_nothing(pool, runs):
     assert all("is packed" in m for m in msgs), msgs
     assert not fresh.exists(), "nothing may be written before the checks"
     assert files_of(root / "packed") == before
+    damaged = root / "damaged"
+    shutil.copytree(root / "packed", damaged)
+    tag = (damaged / "checkpoints" / "latest").read_text().strip()
+    expert_file = damaged / "checkpoints" / tag / "layer_1_expert_3_mp_rank_00_model_states.pt"
+    state = torch.load(expert_file, weights_only=False)
+    key = next(k for k in state if k.endswith("fc2.values"))
+    state[key] = state[key][1:]
+    torch.save(state, expert_file)
+    before = files_of(damaged)
+    msgs = pool.run(error_in_ranks, [f"output_dir={damaged}", *common, "resume=true"])
+    assert all(f"{key} holds {state[key].numel()} packed values but its mask" in m for m in msgs), msgs
+    assert files_of(damaged) == before
 
 
 @pytest.mark.parametrize("values, match", [
