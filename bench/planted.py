@@ -8,8 +8,8 @@ expert: a shared mask), ``z_e`` standard normal per expert. The teacher's expert
 
 so off ``P`` every teacher expert equals ``W_s`` and on ``P`` the experts differ from it and
 from each other by about one weight standard deviation. A student upcycled from ``W_s`` (every
-expert a copy, mask all ones) that is trained on the teacher's outputs can only lower its loss
-by moving its experts on ``P``; a partition that keeps ``P`` dynamic and makes the rest static
+expert a copy, mask all ones) and trained on the teacher's outputs reaches zero loss by moving
+its experts on ``P`` alone; a partition that keeps ``P`` dynamic and makes the rest static
 loses nothing, so the precision of the student's final mask against ``P`` says whether the
 partitioner found the entries that matter (a random mask's expected precision is ``r*``).
 
