@@ -14,6 +14,8 @@ rank counts). Variants:
   pad_frozen    the same PAD model with the static weights frozen (requires_grad False): the
                 difference pad - pad_frozen is what the replicated static weights cost in
                 gradient computation, all-reduce and optimizer work
+  packed        the same PAD model packed (``PADMoE.pack``): experts hold only the values at the
+                mask's dynamic positions, the static weight only where the mask is 0
 
 Plus, per rank and off the engines (no communication), interleaved with the steps:
 
@@ -31,7 +33,7 @@ from typing import Any, Dict, List
 
 from . import common
 
-VARIANTS = ("moe", "pad", "pad_frozen")
+VARIANTS = ("moe", "pad", "pad_frozen", "packed")
 
 
 def make_models(hidden: int, ffn: int, ep_size: int, *, seed: int = 0, ratio: float = 0.5, phi: float = 0.3,
@@ -75,6 +77,8 @@ def make_models(hidden: int, ffn: int, ep_size: int, *, seed: int = 0, ratio: fl
                     unit.phi.fill_(phi)
                 if name == "pad_frozen":
                     unit.static_weight.requires_grad_(False)
+        if name.startswith("packed"):
+            layer.pack(dense_static=name == "packed_dense_static")
         out[name] = Net(layer)
     return out
 
@@ -171,7 +175,7 @@ def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
         samples = common.interleave({**steps, **extras}, cfg["warmup"], cfg["reps"], clock=clock)
         results[shape_name] = dict(samples=samples, rows_per_local_expert=rows,
-                                   static_params=sum(u.static_weight.numel() for u in models["pad"].moe.pad_units()),
+                                   static_params=sum(u.static_tensor().numel() for u in models["pad"].moe.pad_units()),
                                    local_expert_params=sum(p.numel() for p in
                                                            models["pad"].moe.deepspeed_moe.experts.parameters()))
         del engines, models, local, steps, extras
@@ -209,6 +213,9 @@ def analyse(per_rank: List[Dict[str, Any]], variants) -> Dict[str, Any]:
         if "pad_frozen" in med:
             share["static_weights"] = (med["pad"]["total"] - med["pad_frozen"]["total"]) / base
             res["step_ratio_static_frozen"] = med["pad_frozen"]["total"] / base
+        if "packed" in med:
+            res["step_ratio_packed"] = med["packed"]["total"] / base
+            res["step_ratio_packed_rounds"] = common.quartiles([p / m for p, m in zip(totals["packed"], totals["moe"])])
         res["overhead_share_of_moe_step"] = share
         out[shape_name] = res
     return out
@@ -250,11 +257,15 @@ def main(argv=None) -> Dict[str, Any]:
                   step_ratio_vs_deepspeed_moe=res[first]["step_ratio"],
                   step_ratio_per_shape={s: r["step_ratio"] for s, r in res.items()},
                   step_ratio_round_quartiles_per_shape={s: r["step_ratio_rounds"] for s, r in res.items()},
-                  goal="pad / moe <= 1.05")
+                  step_ratio_packed_vs_deepspeed_moe=res[first].get("step_ratio_packed"),
+                  step_ratio_packed_per_shape={s: r["step_ratio_packed"] for s, r in res.items()
+                                               if "step_ratio_packed" in r},
+                  goal="pad / moe <= 1.05; packed / moe <= 1.00")
     out = common.write_json(args.out, result)
     print("\n" + ", ".join(f"{s}: pad/moe = {r['step_ratio']:.3f} (per round: quartiles "
                             f"{r['step_ratio_rounds'][0]:.3f}-{r['step_ratio_rounds'][2]:.3f})" for s, r in res.items())
-          + f" (goal <= 1.05); wrote {out}")
+          + " (goal <= 1.05)" + "".join(f"; {s}: packed/moe = {r['step_ratio_packed']:.3f}" for s, r in res.items()
+                                         if "step_ratio_packed" in r) + f" (goal <= 1.00); wrote {out}")
     return result
 
 

@@ -5,19 +5,23 @@ layers: TopKGate routing and ``l_aux``, all-to-all dispatch over ``ep_size`` ran
 parameters marked ``allreduce=False`` and reduced in the expert-data-parallel group,
 one checkpoint file per global expert, and the engine's MoE-aware gradient norm.
 PAD adds one :class:`PADUnit` per expert linear (static weight, shared mask, ``phi``),
-held in ``self.pad``: ordinary replicated data-parallel parameters.
+held in ``self.pad``: ordinary replicated data-parallel parameters. ``pack()`` switches a
+layer with final masks to packed storage (``pad.packed``): each expert then holds only its
+values at the mask's dynamic positions.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from ..pad.compose import PADUnit, check_lambda_mode
-from .expert import FFNExpert, PADExpertLinear, expert_linears_of, to_pad_expert
+from ..pad.packed import Packable, PackedUnit, mask_of, pack_unit, unpack_unit
+from .expert import (FFNExpert, PackedExpertLinear, expert_linears_of, pack_expert_linear, to_pad_expert,
+                     unpack_expert_linear)
 
 MASK_SCOPES = ("shared", "expert")
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
@@ -39,7 +43,7 @@ def check_moe_args(num_experts: int, ep_size: int, k: int, noisy_gate_policy: Op
                          "for all experts, the paper's default) or 'expert' (one mask per expert)")
 
 
-class PADMoE(MoE):
+class PADMoE(MoE, Packable):
     """Drop-in for ``deepspeed.moe.layer.MoE`` whose expert linears are PAD linears.
 
     Same constructor arguments as DeepSpeed's MoE, plus ``lambda_mode`` and ``mask_scope``.
@@ -82,7 +86,9 @@ class PADMoE(MoE):
         self.k = k
         self.pad = nn.ModuleDict(units)
         self._unit_of_path = dict(keys)
-        # Bind after DeepSpeed deep-copied the template, so every copy shares the same unit.
+        self._bind()  # after DeepSpeed deep-copied the template, so every copy shares the same unit
+
+    def _bind(self) -> None:
         for owner in self.expert_modules():
             for path, lin in expert_linears_of(owner):
                 lin.bind(self.pad[self._unit_of_path[path]])
@@ -110,16 +116,20 @@ class PADMoE(MoE):
         """The PAD units, in expert-module order: each has ``.static_weight``, ``.phi`` and ``.mask``."""
         return list(self.pad.values())
 
-    def local_expert_linears(self, unit: PADUnit) -> List[PADExpertLinear]:
+    def local_expert_linears(self, unit: PADUnit) -> List[nn.Module]:
         """This rank's expert linears composed with ``unit`` (residual MLP excluded)."""
         path = next(p for p, key in self._unit_of_path.items() if self.pad[key] is unit)
         return [e.get_submodule(path) if path else e for e in self.deepspeed_moe.experts.deepspeed_experts]
 
     def masks(self, unit: PADUnit) -> List[Tensor]:
-        """The masks that govern ``unit``: the shared one, or one per local expert."""
+        """The masks that govern ``unit``: the shared one, or one per local expert.
+
+        A packed layer has positions, not masks: these are then rebuilt copies (read-only in effect).
+        """
         if unit.shared_mask:
-            return [unit.mask]
-        return [lin.mask for lin in self.local_expert_linears(unit)]
+            return [mask_of(unit.positions, unit.weight_shape) if isinstance(unit, PackedUnit) else unit.mask]
+        return [mask_of(lin.positions, unit.weight_shape) if isinstance(lin, PackedExpertLinear) else lin.mask
+                for lin in self.local_expert_linears(unit)]
 
     @property
     def last_l_aux(self) -> Optional[Tensor]:
@@ -139,6 +149,57 @@ class PADMoE(MoE):
                 total += mask.numel()
                 dynamic += int(torch.count_nonzero(mask))  # bool .sum() is ~20x slower on CPU
         return dynamic / total
+
+    # -- packed storage ----------------------------------------------------------------------
+    @property
+    def packed(self) -> bool:
+        return any(isinstance(u, PackedUnit) for u in self.pad_units())
+
+    def pack(self, dense_static: bool = False) -> None:
+        """Store only the dynamic entries under the current masks, in place (``pad.packed``).
+
+        The masks become final. Call before the DeepSpeed engine is built: the packed values
+        are new parameters (tagged as DeepSpeed expert parameters, like the weights they replace).
+        ``dense_static`` keeps the whole static weight (measured against packed in ``bench.memory``).
+        """
+        if self.packed:
+            raise ValueError("this PADMoE layer is already packed")
+        for path, key in self._unit_of_path.items():
+            unit = pack_unit(self.pad[key], dense_static)
+            self.pad[key] = unit
+            shared = unit.positions if unit.shared_mask else None
+            self._replace_linears(path, lambda lin, shared=shared: pack_expert_linear(lin, shared))
+        self._bind()
+
+    def unpack(self) -> None:
+        """The dense form again (``W_e`` and ``W_static`` zero where the composition never reads them)."""
+        if not self.packed:
+            raise ValueError("this PADMoE layer is not packed")
+        for path, key in self._unit_of_path.items():
+            unit = self.pad[key]
+            shared = unit.positions if unit.shared_mask else None
+            self._replace_linears(path, lambda lin, shared=shared: unpack_expert_linear(lin, shared))
+            self.pad[key] = unpack_unit(unit)
+        self._bind()
+
+    def _replace_linears(self, path: str, convert: Callable[[nn.Module], nn.Module]) -> None:
+        """Swap the expert linear at ``path`` of every expert module (local experts, residual MLP)."""
+        experts = self.deepspeed_moe.experts.deepspeed_experts
+        slots: List[Tuple[Any, Any]] = [(experts, i) for i in range(len(experts))]
+        if self.use_residual:
+            slots.append((self, "mlp"))
+        for holder, key in slots:
+            owner = holder[key] if isinstance(key, int) else getattr(holder, key)
+            if not path:  # the expert is a bare linear
+                new = convert(owner)
+                if isinstance(key, int):
+                    holder[key] = new
+                else:
+                    setattr(holder, key, new)
+                continue
+            parent_path, _, leaf = path.rpartition(".")
+            parent = owner.get_submodule(parent_path) if parent_path else owner
+            setattr(parent, leaf, convert(getattr(parent, leaf)))
 
     # -- distributed -------------------------------------------------------------------------
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:

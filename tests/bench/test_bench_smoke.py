@@ -61,7 +61,8 @@ def test_moe_step_quick(tmp_path):
     out = tmp_path / "moe_step.json"
     moe_step.main(["--quick", "--reps", "3", "--warmup", "1", "--out", str(out)])
     data = _load(out)
-    _check(data, "step_ratio_vs_deepspeed_moe")
+    _check(data, "step_ratio_vs_deepspeed_moe", "step_ratio_packed_vs_deepspeed_moe")
+    assert set(data["step_ratio_packed_per_shape"]) == {"h256"}
     q1, q2, q3 = data["step_ratio_round_quartiles_per_shape"]["h256"]
     assert all(map(finite, (q1, q2, q3))) and 0 < q1 <= q2 <= q3
     for share in data["results"]["h256"]["overhead_share_of_moe_step"].values():
@@ -75,8 +76,11 @@ def test_memory_quick(tmp_path):
     out = tmp_path / "memory.json"
     memory.main(["--quick", "--out", str(out)])
     data = _load(out)
-    _check(data, "memory_ratio_r05", "memory_ratio_r03", "deployment_ratio_r05", "activation_ratio_r05")
+    _check(data, "memory_ratio_r05", "memory_ratio_r03", "deployment_ratio_r05", "activation_ratio_r05",
+           "memory_ratio_packed_r05", "memory_ratio_packed_r03", "checkpoint_bytes_ratio_packed_r05")
     assert data["memory_ratio_r05"] >= 1.0 and data["deployment_ratio_r05"] < 1.0
+    # packed: the experts' share shrinks with the ratio, so r=0.3 holds less than r=0.5 holds less than dense
+    assert data["memory_ratio_packed_r03"] < data["memory_ratio_packed_r05"] < data["memory_ratio_r05"]
 
 
 @pytest.mark.slow
@@ -112,6 +116,8 @@ def test_run_all_quick(tmp_path):
     data = _load(out)
     assert data == json.loads(json.dumps(summary, default=str))
     keys = ["step_ratio_vs_deepspeed_moe", "layer_ratio_vs_authors", "memory_ratio_r05", "memory_ratio_r03",
+            "memory_ratio_packed_r05", "memory_ratio_packed_r03", "step_ratio_packed_vs_deepspeed_moe",
+            "checkpoint_bytes_ratio_packed_r05",
             "gemm_efficiency", "weak_scaling", "dyconv_ratio", "imp_recovery_precision", "imp_recovery_loss_ratio"]
     for key in keys:
         assert finite(data[key]), f"{key}={data[key]!r}"
