@@ -21,7 +21,9 @@ from typing import Any, Dict, List, Optional
 from . import common
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("moe_step", "authors_layer", "memory", "gemm", "scaling", "partitioner", "dyconv")
+BENCHES = ("moe_step", "authors_layer", "memory", "gemm", "scaling", "partitioner", "dyconv", "imp_recovery")
+IMP_RECOVERY_KEYS = ("imp_recovery_precision", "imp_recovery_precision_random", "imp_recovery_precision_magnitude",
+                     "imp_recovery_loss_ratio", "imp_recovery_loss_ratio_random", "imp_recovery_loss_ratio_magnitude")
 
 
 def _args(name: str, quick: bool) -> List[str]:
@@ -109,7 +111,12 @@ def main(argv=None) -> Dict[str, Any]:
         partitioner_overhead_per_shape=(raw.get("partitioner") or {}).get("overhead_per_shape"),
         weak_scaling=number(sc, "weak_scaling"),
         dyconv_ratio=number(raw.get("dyconv"), "ratio_vs_plain", "pad"),
+        **{key: number(raw.get("imp_recovery"), key) for key in IMP_RECOVERY_KEYS},
     )
+    if raw.get("imp_recovery"):  # the spread over seeds beside the means
+        summary["imp_recovery_seeds"] = {f"{what}_{m}": {k: v for k, v in d.items() if k != "std"}
+                                         for what in ("precision", "loss_ratio")
+                                         for m, d in raw["imp_recovery"][what].items()}
     if ms:
         summary["step_overhead_breakdown"] = {s: r.get("overhead_share_of_moe_step")
                                               for s, r in ms.get("results", {}).items()}

@@ -74,8 +74,7 @@ def _link(engine) -> None:
 
 
 def moment_keys(engine) -> List[str]:
-    """Names of the per-entry optimizer state tensors (``exp_avg``, ``exp_avg_sq`` for Adam); [] before the
-    first step."""
+    """Names of the per-entry optimizer state tensors (Adam: ``exp_avg``, ``exp_avg_sq``); [] before the first step."""
     _, inner = _layout(engine)
     for state in inner.state.values():
         return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.ndim > 0)

@@ -93,6 +93,21 @@ def test_scaling_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_imp_recovery_quick(tmp_path):
+    from bench import imp_recovery
+
+    out = tmp_path / "imp_recovery.json"
+    imp_recovery.main(["--quick", "--out", str(out)])
+    data = _load(out)
+    _check(data, "imp_recovery_precision", "imp_recovery_precision_random", "imp_recovery_precision_magnitude",
+           "imp_recovery_loss_ratio", "imp_recovery_loss_ratio_random")
+    # random: hypergeometric around r* (sd 0.008 per seed over 8192 entries); IMP must do clearly better
+    assert abs(data["imp_recovery_precision_random"] - data["r_star"]) < 0.03
+    assert data["imp_recovery_precision"] > data["imp_recovery_precision_random"] + 0.15
+    assert len(data["precision"]["imp"]["per_seed"]) == 2 and data["anatomy"]
+
+
+@pytest.mark.slow
 def test_run_all_quick(tmp_path):
     from bench import run_all
 
@@ -103,7 +118,7 @@ def test_run_all_quick(tmp_path):
     keys = ["step_ratio_vs_deepspeed_moe", "layer_ratio_vs_authors", "memory_ratio_r05", "memory_ratio_r03",
             "memory_ratio_packed_r05", "memory_ratio_packed_r03", "step_ratio_packed_vs_deepspeed_moe",
             "checkpoint_bytes_ratio_packed_r05",
-            "gemm_efficiency", "weak_scaling", "dyconv_ratio"]
+            "gemm_efficiency", "weak_scaling", "dyconv_ratio", "imp_recovery_precision", "imp_recovery_loss_ratio"]
     for key in keys:
         assert finite(data[key]), f"{key}={data[key]!r}"
     assert "partitioner_overhead" in data and "shapes" in data and data["machine"]["cpus"] and data["quick"] is True

@@ -97,8 +97,8 @@ def test_packed_forward_and_every_gradient_equal_the_dense_composition(mode, lay
 def test_autocast_bf16_packed_equals_dense():
     dense, owners, packed, packed_owners, positions, weights = setup("both", False, seed=3)
     grads = []
-    layouts = ((dense, owners, weights[0]), (packed, packed_owners, gather_at(weights[0], positions[0])))
-    for unit, own, factor in layouts:
+    packed_factor = gather_at(weights[0], positions[0])
+    for unit, own, factor in ((dense, owners, weights[0]), (packed, packed_owners, packed_factor)):
         f = factor.clone().requires_grad_(True)
         x = torch.randn(8, IN, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
