@@ -40,6 +40,7 @@ class MoEConfig:
     layers: Union[str, List[int]] = "all"  # "all" | "every_other" (odd indices) | [indices]
     lambda_mode: str = "both"
     mask_scope: str = "shared"
+    dropless: bool = False  # no capacity, no token dropped (drop_tokens then ignored); moe/dispatch.py
     aux_loss_coef: float = 0.01  # applied by the engine, not by moe_aux_loss
 
     def __post_init__(self) -> None:
