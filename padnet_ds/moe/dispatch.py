@@ -47,7 +47,6 @@ from deepspeed.moe.sharded_moe import MOELayer
 from deepspeed.utils import groups
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 from torch import Tensor
-from torch.distributed.nn.functional import all_to_all_single
 
 from .segments import run_local_experts
 
@@ -226,8 +225,27 @@ class _Permute(torch.autograd.Function):
 
 
 def _all_to_all(rows: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
-    """All-to-all of rows with split sizes over ``group`` (autograd: the reverse all-to-all); [sum(in), M] -> [sum(out), M]."""
+    """All-to-all of rows with split sizes over ``group``: [sum(in_splits), M] -> [sum(out_splits), M]."""
     if group is None or torch.distributed.get_world_size(group) == 1:
         return rows
-    out = rows.new_empty((sum(out_splits), *rows.shape[1:]))
-    return all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
+    return _AllToAll.apply(rows, out_splits, in_splits, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows with split sizes; the gradient travels back with the split sizes swapped.
+
+    (torch.distributed.nn.functional.all_to_all_single does this too, but is deprecated in
+    favour of a private module; DeepSpeed's own _AllToAll has no split sizes.)
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
+        ctx.splits, ctx.group = (in_splits, out_splits), group
+        out = rows.new_empty((sum(out_splits), *rows.shape[1:]))
+        torch.distributed.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        back_out, back_in = ctx.splits
+        return _AllToAll.apply(grad, back_out, back_in, ctx.group), None, None, None
