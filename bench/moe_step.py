@@ -159,6 +159,8 @@ def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
     from padnet_ds.engine.setup import build_engine
 
     rank = torch.distributed.get_rank()
+    if cfg["tune_malloc"]:
+        common.tune_malloc()
     results = {}
     for shape_name in cfg["shapes"]:
         shape = common.SHAPES[shape_name]
@@ -279,12 +281,14 @@ def main(argv=None) -> Dict[str, Any]:
     ap.add_argument("--overlap-comm", action="store_true", help="ZeRO overlap_comm (default off, DeepSpeed's default)")
     ap.add_argument("--zero", default="{}", help='extra zero_optimization settings for every engine, as JSON, '
                     'e.g. \'{"reduce_scatter": false}\'')
+    ap.add_argument("--tune-malloc", action="store_true", help="glibc keeps freed blocks in every rank "
+                    "(common.tune_malloc): DeepSpeed's per-step gradient buffers then stop page-faulting")
     args = ap.parse_args(argv)
     shapes = common.chosen_shapes(args, default="h256,h768,h768s")
     variants = tuple(args.variants.split(","))
     assert "moe" in variants and "pad" in variants, "variants must include moe and pad"
     cfg = dict(shapes=shapes, variants=variants, warmup=common.warmup(args, 2, 1), reps=common.reps(args, 10, 3),
-               overlap_comm=args.overlap_comm, zero=json.loads(args.zero))
+               overlap_comm=args.overlap_comm, zero=json.loads(args.zero), tune_malloc=args.tune_malloc)
     per_rank = common.spawn(_rank, 2, cfg)
     res = analyse(per_rank, variants)
     print(f"train step, 2 gloo ranks x 1 thread, ep_size 2, ZeRO 2, fp32, E=8, k=2, cf 1.25, AdamW; "

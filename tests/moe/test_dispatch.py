@@ -33,6 +33,31 @@ def test_filled_dispatch_equals_deepspeeds_padded_dispatch(k, drop_tokens, routi
         assert empty and all(v is not None and not v.any() for v in empty)
 
 
+@pytest.mark.parametrize("drop_tokens", [True, False])
+def test_top3_gating(drop_tokens):
+    layer = pad_layer(3, drop_tokens=drop_tokens)  # TopKGate's general top-k policy
+    compare(layer, like(layer, dispatch="padded"), tokens("random", 0, 1))
+
+
+def test_unused_tokens_of_top1_gating():
+    # (drop_tokens=True only: DeepSpeed 0.19.8's top-1 gate fails on used_token with drop_tokens=False,
+    # its capacity becomes a float tensor that torch.topk refuses)
+    layer = pad_layer(1)
+    padded = like(layer, dispatch="padded")
+    x = tokens("random", 0, 1)
+    used = (torch.arange(18) % 3 != 0).float()  # top-1 routes only the used tokens
+    outs = []
+    for net in (layer, padded):
+        torch.manual_seed(1)
+        x_in = x.clone().requires_grad_(True)
+        y, _, _ = net(x_in, used)
+        y.pow(2).sum().backward()
+        outs.append((y.detach(), x_in.grad))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not outs[0][0].reshape(18, -1)[::3].any(), "unused tokens get no expert output"
+
+
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("drop_tokens", [True, False])
 def test_fully_dynamic_pad_moe_equals_stock_deepspeed_moe(k, drop_tokens):
