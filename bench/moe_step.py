@@ -6,7 +6,9 @@
 torch's fused AdamW. Every variant is its own DeepSpeed engine built in the SAME two processes;
 steps are interleaved A B C A B C (rotating order) after warm-up and the median step is
 reported (a step = forward + backward + optimizer step, each timed; per step the slowest
-rank counts). Variants:
+rank counts; ``cpu``: both ranks' process CPU time). The drop_tokens=False pair runs as a
+second group after the others (same ranks, same input), so that at most four engines are
+alive at once. Variants:
 
   moe           deepspeed.moe.layer.MoE with a plain two-linear GELU FFN expert (the reference)
   pad           PADMoE: dynamic ratio 0.5 random shared mask, phi = 0.3 (lambda_d != lambda_s),
@@ -32,8 +34,8 @@ Plus, per rank and off the engines (no communication), interleaved with the step
                 is the composition itself (per-layer S / Md terms, one addcmul per expert in
                 forward and again in backward, the sum of G_e and the mask multiply of the
                 expert gradient, the hub's static-weight and phi gradients)
-  experts_pad / experts_moe   forward+backward of the local experts on the real dispatched buffer
-                (ep_size x capacity rows per local expert): the expert GEMMs with composition
+  experts_pad / experts_moe   forward+backward of the local experts on DeepSpeed's dispatched
+                buffer (ep_size x capacity rows per local expert): PAD's expert compute at equal rows
 """
 from __future__ import annotations
 
@@ -150,59 +152,72 @@ def experts_pass(layer, rows: int, hidden: int, ep_size: int):
     return run
 
 
-def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    import gc
+# Variants compared with each other run side by side; the groups run one after the other in the
+# same ranks (six engines at h768 at once need more memory than a shared 2-core machine has).
+GROUPS = (("moe", "pad", "pad_frozen", "pad_padded"), ("moe_nodrop", "pad_dropless"))
 
+
+def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
     import torch
 
     common.quiet_deepspeed()
-    from padnet_ds.engine.setup import build_engine
-
     rank = torch.distributed.get_rank()
     if cfg["tune_malloc"]:
         common.tune_malloc()
     results = {}
     for shape_name in cfg["shapes"]:
         shape = common.SHAPES[shape_name]
-        h, f = shape["hidden"], shape["ffn"]
-        models = make_models(h, f, common.MOE["ep_size"], variants=cfg["variants"])
-        engines = {n: build_engine(m, ds_config(shape["batch"], overlap_comm=cfg["overlap_comm"], zero=cfg["zero"]),
-                                   optimizer=adamw)
-                   for n, m in models.items()}
         gen = torch.Generator().manual_seed(100 + rank)
-        x = torch.randn(shape["batch"], shape["seq"], h, generator=gen).requires_grad_(True)
-        rows = common.rows_per_local_expert(shape)
+        x = torch.randn(shape["batch"], shape["seq"], shape["hidden"], generator=gen).requires_grad_(True)
+        res = dict(samples={}, fills={}, rows_per_local_expert=common.rows_per_local_expert(shape))
+        groups = [[v for v in g if v in cfg["variants"]] for g in GROUPS]
+        for i, group in enumerate(g for g in groups if g):
+            _run_group(group, shape, x, cfg, res, extras=i == 0)
+        results[shape_name] = res
+    return results
+
+
+def _run_group(variants, shape, x, cfg: Dict[str, Any], res: Dict[str, Any], extras: bool) -> None:
+    """Build ``variants``' engines, step them interleaved (plus the off-engine extras), record into ``res``."""
+    import gc
+
+    from padnet_ds.engine.setup import build_engine
+
+    h, f = shape["hidden"], shape["ffn"]
+    models = make_models(h, f, common.MOE["ep_size"], variants=variants)
+    engines = {n: build_engine(m, ds_config(shape["batch"], overlap_comm=cfg["overlap_comm"], zero=cfg["zero"]),
+                               optimizer=adamw)
+               for n, m in models.items()}
+    fills: Dict[str, List[List[int]]] = {n: [] for n in engines}
+
+    def step(name, engine):
+        times = train_step(engine, x)
+        moe = engine.module.moe.deepspeed_moe
+        if getattr(moe, "last_rows", None) is not None:  # PAD's filled-row dispatch: rows sent, capacity
+            fills[name].append([moe.last_rows, int(moe.last_capacity)])
+        return times
+
+    steps = {n: (lambda n=n, e=e: step(n, e)) for n, e in engines.items()}
+    off = {}
+    if extras:
         # Off-engine copies (ep_size 2 layout: 4 local experts) for the composition and expert-GEMM timings.
         local = make_models(h, f, common.MOE["ep_size"], variants=("moe", "pad"), seed=1)
-        fills: Dict[str, List[List[int]]] = {n: [] for n in engines}
+        rows = res["rows_per_local_expert"]
+        off = {"compose_pad": experts_pass(local["pad"].moe, 0, h, 2),
+               "compose_moe": experts_pass(local["moe"].moe, 0, h, 2),
+               "experts_pad": experts_pass(local["pad"].moe, rows, h, 2),
+               "experts_moe": experts_pass(local["moe"].moe, rows, h, 2)}
 
-        def step(name, engine):
-            times = train_step(engine, x)
-            moe = engine.module.moe.deepspeed_moe
-            if getattr(moe, "last_rows", None) is not None:  # PAD's filled-row dispatch: rows sent, capacity
-                fills[name].append([moe.last_rows, int(moe.last_capacity)])
-            return times
+    def clock(fn):
+        return common.timed(fn) if fn in off.values() else fn()
 
-        steps = {n: (lambda n=n, e=e: step(n, e)) for n, e in engines.items()}
-        extras = {"compose_pad": experts_pass(local["pad"].moe, 0, h, 2),
-                  "compose_moe": experts_pass(local["moe"].moe, 0, h, 2),
-                  "experts_pad": experts_pass(local["pad"].moe, rows, h, 2),
-                  "experts_moe": experts_pass(local["moe"].moe, rows, h, 2)}
-
-        def clock(fn):
-            if fn in extras.values():
-                return common.timed(fn)
-            return fn()
-
-        samples = common.interleave({**steps, **extras}, cfg["warmup"], cfg["reps"], clock=clock)
-        fills = {n: f[cfg["warmup"]:] for n, f in fills.items() if f}  # the timed steps' routing
-        results[shape_name] = dict(samples=samples, rows_per_local_expert=rows, fills=fills,
-                                   static_params=sum(u.static_weight.numel() for u in models["pad"].moe.pad_units()),
-                                   local_expert_params=sum(p.numel() for p in
-                                                           models["pad"].moe.deepspeed_moe.experts.parameters()))
-        del engines, models, local, steps, extras
-        gc.collect()
-    return results
+    res["samples"].update(common.interleave({**steps, **off}, cfg["warmup"], cfg["reps"], clock=clock))
+    res["fills"].update({n: f[cfg["warmup"]:] for n, f in fills.items() if f})  # the timed steps' routing
+    if "pad" in models:
+        res["static_params"] = sum(u.static_weight.numel() for u in models["pad"].moe.pad_units())
+        res["local_expert_params"] = sum(p.numel() for p in models["pad"].moe.deepspeed_moe.experts.parameters())
+    del engines, models, steps, off
+    gc.collect()
 
 
 def analyse(per_rank: List[Dict[str, Any]], variants) -> Dict[str, Any]:

@@ -67,7 +67,8 @@ class FilledMOELayer(MOELayer):
         self.dropless = dropless
         self.kernel: Optional[bool] = None  # grouped GEMM kernel: None = by device (pad/grouped.py)
         self.last_rows: Optional[int] = None  # routes this rank sent in the latest forward (R)
-        self.last_capacity = None  # the gate's capacity C then (DeepSpeed's buffer has E x C rows)
+        # the gate's capacity C then (DeepSpeed's buffer has E x C rows; dropless: this rank's largest count)
+        self.last_capacity: Optional[Tensor] = None
 
     def forward(self, *inputs: Tensor, **kwargs) -> Tensor:
         tensor_parallel = bwc_tensor_model_parallel_world_size(groups.mpu) > 1
@@ -89,8 +90,8 @@ class FilledMOELayer(MOELayer):
         with self._gate_group():
             self.l_aux, capacity, n_experts, indices, locations, gates, self.exp_counts = self.gate(
                 tokens, used_token, True, False)
-        route_of_row, kept = permute(indices, locations, n_experts)
-        plan = Exchange(kept, self.ep_size, self.num_local_experts, self.ep_group)
+        route_of_row, f = permute(indices, locations, n_experts)
+        plan = Exchange(f, self.ep_size, self.num_local_experts, self.ep_group)
         route_of_row = route_of_row[:plan.sent]
         token_of_row = torch.remainder(route_of_row, tokens.shape[0])  # a route's flat index is i * S + t
         self.last_rows, self.last_capacity = plan.sent, capacity  # for fill fractions (bench.moe_step)
