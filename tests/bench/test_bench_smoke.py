@@ -69,7 +69,7 @@ def test_moe_step_quick(tmp_path):
                 "step_ratio_dropless_vs_deepspeed_no_drop_per_shape"):
         assert finite(data[key]["h256"]), key
     # k=2, capacity factor 1.25: at most 1/1.25 of DeepSpeed's rows can hold a token
-    assert 0.5 < data["fill_fraction_per_shape"]["h256"] <= 0.8
+    assert 0.5 < data["fill_fraction_per_shape"]["h256"] <= 0.8 + 1e-9
     q1, q2, q3 = data["step_ratio_round_quartiles_per_shape"]["h256"]
     assert all(map(finite, (q1, q2, q3))) and 0 < q1 <= q2 <= q3
     for share in data["results"]["h256"]["overhead_share_of_moe_step"].values():
