@@ -90,30 +90,32 @@ def build(hidden: int, ffn: int, rows: int, ratio: float = 0.5, phi: float = 0.3
                 gs.append(grads[i][e])
         torch.autograd.backward(outs, gs)
 
-    def grouped(kernel: bool):
-        from padnet_ds.pad.grouped import grouped_linear
+    grouped = dict(units=units, weights=weights, biases=biases, xs=xs, grads=grads, clear=clear, rows=rows)
+    return {"matmul": matmul, "composed": composed, "linear": linear,
+            "grouped_loop": grouped_pass(kernel=False, **grouped), "grouped_kernel": grouped_pass(kernel=True, **grouped)}
 
-        sizes = [rows] * LOCAL_EXPERTS
-        x_all = [torch.cat([x.detach() for x in per]).requires_grad_(True) for per in xs]  # [L*rows, in]
-        g_all = [torch.cat(per) for per in grads]
 
-        def run():
-            clear()
-            for x in x_all:
-                x.grad = None
-            outs = []
-            for i in range(2):
-                unit = units[i]
-                unit.hold()
-                comp = unit.composition()
-                outs.append(grouped_linear(x_all[i], [comp] * LOCAL_EXPERTS, weights[i], biases[i], sizes, kernel))
-                unit.release()
-            torch.autograd.backward(outs, g_all)
+def grouped_pass(units, weights, biases, xs, grads, clear, rows: int, kernel: bool):
+    """The same linears through ``pad.grouped.grouped_linear``: every expert's rows in one buffer."""
+    from padnet_ds.pad.grouped import grouped_linear
 
-        return run
+    sizes = [rows] * LOCAL_EXPERTS
+    x_all = [torch.cat([x.detach() for x in per]).requires_grad_(True) for per in xs]  # [L*rows, in]
+    g_all = [torch.cat(per) for per in grads]
 
-    return {"matmul": matmul, "composed": composed, "linear": linear, "grouped_loop": grouped(False),
-            "grouped_kernel": grouped(True)}
+    def run():
+        clear()
+        for x in x_all:
+            x.grad = None
+        outs = []
+        for i, unit in enumerate(units):
+            unit.hold()
+            outs.append(grouped_linear(x_all[i], [unit.composition()] * LOCAL_EXPERTS, weights[i], biases[i], sizes,
+                                       kernel))
+            unit.release()
+        torch.autograd.backward(outs, g_all)
+
+    return run
 
 
 def main(argv=None) -> Dict[str, Any]:

@@ -294,6 +294,25 @@ def fill_fraction(per_rank: List[List[List[int]]], experts: int, padded_to_max: 
     return sum(fracs) / len(fracs)
 
 
+def print_tables(res: Dict[str, Any], cfg: Dict[str, Any]) -> None:
+    print(f"train step, 2 gloo ranks x 1 thread, ep_size 2, ZeRO 2, fp32, E=8, k=2, cf 1.25, AdamW; "
+          f"median of {cfg['reps']} interleaved steps after {cfg['warmup']} warm-up")
+    for s, r in res.items():
+        shape = common.SHAPES[s]
+        print(f"\n[{s}] hidden {shape['hidden']} / FFN {shape['ffn']}, {common.tokens(shape)} tokens per rank "
+              f"({shape['batch']}x{shape['seq']}), {r['rows_per_local_expert']} rows per local expert")
+        rows = []
+        for v, m in r["median_s"].items():
+            ref = r["median_s"][reference(v)]
+            rows.append([v, m["total"] * 1e3, m["fwd"] * 1e3, m["bwd"] * 1e3, m["step"] * 1e3, m["total"] / ref["total"],
+                         m["cpu"] * 1e3, m["cpu"] / ref["cpu"]])
+        print(common.table(["variant", "step ms", "fwd ms", "bwd ms", "opt ms", "vs its group's moe",
+                            "cpu ms (2 ranks)", "cpu vs moe"], rows))
+        print(common.table(["per-rank op", "ms"], [[k, v * 1e3] for k, v in r["per_rank_ops_median_s"].items()]))
+        print(common.table(["PAD overhead, share of the moe step", "fraction"],
+                           [[k, v] for k, v in r["overhead_share_of_moe_step"].items()]))
+
+
 def main(argv=None) -> Dict[str, Any]:
     common.setup_env()
     ap = common.parser(__doc__, "moe_step")
@@ -312,22 +331,7 @@ def main(argv=None) -> Dict[str, Any]:
                overlap_comm=args.overlap_comm, zero=json.loads(args.zero), tune_malloc=args.tune_malloc)
     per_rank = common.spawn(_rank, 2, cfg)
     res = analyse(per_rank, variants)
-    print(f"train step, 2 gloo ranks x 1 thread, ep_size 2, ZeRO 2, fp32, E=8, k=2, cf 1.25, AdamW; "
-          f"median of {cfg['reps']} interleaved steps after {cfg['warmup']} warm-up")
-    for s, r in res.items():
-        shape = common.SHAPES[s]
-        print(f"\n[{s}] hidden {shape['hidden']} / FFN {shape['ffn']}, {common.tokens(shape)} tokens per rank "
-              f"({shape['batch']}x{shape['seq']}), {r['rows_per_local_expert']} rows per local expert")
-        rows = []
-        for v, m in r["median_s"].items():
-            ref = r["median_s"][reference(v)]
-            rows.append([v, m["total"] * 1e3, m["fwd"] * 1e3, m["bwd"] * 1e3, m["step"] * 1e3, m["total"] / ref["total"],
-                         m["cpu"] * 1e3, m["cpu"] / ref["cpu"]])
-        print(common.table(["variant", "step ms", "fwd ms", "bwd ms", "opt ms", "vs its group's moe",
-                            "cpu ms (2 ranks)", "cpu vs moe"], rows))
-        print(common.table(["per-rank op", "ms"], [[k, v * 1e3] for k, v in r["per_rank_ops_median_s"].items()]))
-        print(common.table(["PAD overhead, share of the moe step", "fraction"],
-                           [[k, v] for k, v in r["overhead_share_of_moe_step"].items()]))
+    print_tables(res, cfg)
     first = shapes[0]
     result = dict(config=cfg, shapes={s: dict(common.SHAPES[s], tokens_per_rank=common.tokens(common.SHAPES[s]),
                                               **{k: v for k, v in common.MOE.items()}) for s in shapes},
