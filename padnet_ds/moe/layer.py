@@ -5,7 +5,9 @@ layers: TopKGate routing and ``l_aux``, all-to-all dispatch over ``ep_size`` ran
 parameters marked ``allreduce=False`` and reduced in the expert-data-parallel group,
 one checkpoint file per global expert, and the engine's MoE-aware gradient norm.
 PAD adds one :class:`PADUnit` per expert linear (static weight, shared mask, ``phi``),
-held in ``self.pad``: ordinary replicated data-parallel parameters. ``pack()`` switches a
+held in ``self.pad``: ordinary replicated data-parallel parameters. The dispatch sends and
+computes only the routed rows (:class:`~padnet_ds.moe.dispatch.FilledMOELayer` in place of
+DeepSpeed's ``MOELayer``: same gate, experts and parameter names). ``pack()`` switches a
 layer with final masks to packed storage (``pad.packed``): each expert then holds only its
 values at the mask's dynamic positions.
 """
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from ..pad.compose import PADUnit, check_lambda_mode
 from ..pad.packed import (DenseSource, Packable, PackedUnit, gather_at, mask_of, pack_unit, unit_sizes,
                           unpack_unit)
+from .dispatch import DISPATCHES, FilledMOELayer
 from .expert import (FFNExpert, PackedExpertLinear, expert_linears_of, pack_expert_linear, to_pad_expert,
                      unpack_expert_linear)
 
@@ -29,7 +32,8 @@ MASK_SCOPES = ("shared", "expert")
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
 
 
-def check_moe_args(num_experts: int, ep_size: int, k: int, noisy_gate_policy: Optional[str], mask_scope: str) -> None:
+def check_moe_args(num_experts: int, ep_size: int, k: int, noisy_gate_policy: Optional[str], mask_scope: str,
+                   dispatch: str = "filled", dropless: bool = False, use_tutel: bool = False) -> None:
     if num_experts < 1:
         raise ValueError(f"num_experts={num_experts} must be >= 1")
     if ep_size < 1 or num_experts % ep_size:
@@ -43,14 +47,24 @@ def check_moe_args(num_experts: int, ep_size: int, k: int, noisy_gate_policy: Op
     if mask_scope not in MASK_SCOPES:
         raise ValueError(f"mask_scope={mask_scope!r} is not one of {MASK_SCOPES}: 'shared' (one mask per PAD linear "
                          "for all experts, the paper's default) or 'expert' (one mask per expert)")
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch={dispatch!r} is not one of {DISPATCHES}: 'filled' (send and compute the routed "
+                         "rows only, the default) or 'padded' (DeepSpeed's capacity buffer)")
+    if dropless and (dispatch != "filled" or use_tutel):
+        raise ValueError("dropless=True needs dispatch='filled' and use_tutel=False: DeepSpeed's padded and Tutel "
+                         "dispatches size every expert's buffer by a capacity")
 
 
 class PADMoE(MoE, Packable):
     """Drop-in for ``deepspeed.moe.layer.MoE`` whose expert linears are PAD linears.
 
-    Same constructor arguments as DeepSpeed's MoE, plus ``lambda_mode`` and ``mask_scope``.
-    ``y, l_aux, exp_counts = layer(x)`` as in DeepSpeed. One deliberate difference: with
-    ``top2_2nd_expert_sampling`` the second expert is sampled in training only (DeepSpeed
+    Same constructor arguments as DeepSpeed's MoE, plus ``lambda_mode``, ``mask_scope``,
+    ``dropless`` and ``dispatch``. ``y, l_aux, exp_counts = layer(x)`` as in DeepSpeed, with
+    DeepSpeed's gate; the experts see only the routed rows (``dispatch="filled"``, the default,
+    moe/dispatch.py), with DeepSpeed's outputs and gradients; ``dispatch="padded"`` keeps
+    DeepSpeed's capacity buffer. ``dropless=True``: no capacity and no token dropped (the gate
+    runs with ``drop_tokens=False``; the argument is then ignored). One deliberate difference:
+    with ``top2_2nd_expert_sampling`` the second expert is sampled in training only (DeepSpeed
     also samples in eval mode, which makes evaluation non-deterministic).
     """
 
@@ -72,8 +86,10 @@ class PADMoE(MoE, Packable):
                  top2_2nd_expert_sampling: bool = True,
                  *,
                  lambda_mode: str = "both",
-                 mask_scope: str = "shared") -> None:
-        check_moe_args(num_experts, ep_size, k, noisy_gate_policy, mask_scope)
+                 mask_scope: str = "shared",
+                 dropless: bool = False,
+                 dispatch: str = "filled") -> None:
+        check_moe_args(num_experts, ep_size, k, noisy_gate_policy, mask_scope, dispatch, dropless, use_tutel)
         check_lambda_mode(lambda_mode)
         per_expert = mask_scope == "expert"
         template, keys = to_pad_expert(expert, per_expert)
@@ -81,8 +97,11 @@ class PADMoE(MoE, Packable):
                               lambda_mode, shared_mask=not per_expert, name=key)
                  for path, key in keys.items()}
         super().__init__(hidden_size, template, num_experts, ep_size, k, capacity_factor, eval_capacity_factor,
-                         min_capacity, use_residual, noisy_gate_policy, drop_tokens, use_rts, use_tutel,
-                         enable_expert_tensor_parallelism, top2_2nd_expert_sampling)
+                         min_capacity, use_residual, noisy_gate_policy, drop_tokens and not dropless, use_rts,
+                         use_tutel, enable_expert_tensor_parallelism, top2_2nd_expert_sampling)
+        # Same gate and experts (same parameter names), DeepSpeed's forward replaced by the filled-row dispatch.
+        self.deepspeed_moe = FilledMOELayer(self.deepspeed_moe, dispatch, dropless)
+        self.dropless = dropless
         self.lambda_mode = lambda_mode
         self.mask_scope = mask_scope
         self.k = k
@@ -292,7 +311,8 @@ class PADMoE(MoE, Packable):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, ep_size={self.ep_size}, k={self.k}, " \
-               f"lambda_mode={self.lambda_mode!r}, mask_scope={self.mask_scope!r}"
+               f"lambda_mode={self.lambda_mode!r}, mask_scope={self.mask_scope!r}, " \
+               f"dispatch={self.deepspeed_moe.dispatch!r}, dropless={self.dropless}"
 
 
 def pad_moe_layers(model: nn.Module) -> Dict[str, PADMoE]:

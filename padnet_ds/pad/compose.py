@@ -90,9 +90,9 @@ class Composition:
         held = (self.static, self.mdyn, self.static_mask, self.scaled_static, self.workspace)
         return [t for t in held if t is not None]
 
-    def compose(self, weight: Tensor) -> Tensor:
-        """``S + Md * W_e`` in the shared workspace (valid until the next expert composes)."""
-        return torch.addcmul(self.static, self.mdyn, weight, out=self.workspace)
+    def compose(self, weight: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``S + Md * W_e`` into ``out``, by default the shared workspace (valid until the next expert composes)."""
+        return torch.addcmul(self.static, self.mdyn, weight, out=self.workspace if out is None else out)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """``F.linear(x, W_eff, bias)`` for one expert's ``W_e``/``b_e``."""
