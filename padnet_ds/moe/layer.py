@@ -14,6 +14,7 @@ values at the mask's dynamic positions.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -21,7 +22,8 @@ from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from ..pad.compose import PADUnit, check_lambda_mode
-from ..pad.packed import Packable, PackedUnit, mask_of, pack_unit, unpack_unit
+from ..pad.packed import (DenseSource, Packable, PackedUnit, gather_at, mask_of, pack_unit, unit_sizes,
+                          unpack_unit)
 from .dispatch import DISPATCHES, FilledMOELayer
 from .expert import (FFNExpert, PackedExpertLinear, expert_linears_of, pack_expert_linear, to_pad_expert,
                      unpack_expert_linear)
@@ -160,6 +162,12 @@ class PADMoE(MoE, Packable):
         """Tokens this rank routed to each global expert in the latest forward (None before the first)."""
         return getattr(self.deepspeed_moe, "exp_counts", None)
 
+    def clear_last_outputs(self) -> None:
+        """Drop the latest forward's ``l_aux`` / expert counts: an engine's output hooks sit on them and would
+        keep a released engine alive."""
+        self.deepspeed_moe.l_aux = None
+        self.deepspeed_moe.exp_counts = None
+
     def dynamic_ratio(self) -> float:
         """Fraction of mask entries that are dynamic (per-expert masks: over this rank's experts)."""
         total = dynamic = 0
@@ -201,13 +209,26 @@ class PADMoE(MoE, Packable):
             self.pad[key] = unpack_unit(unit)
         self._bind()
 
+    def _slots(self) -> List[Tuple[str, Any, Any]]:
+        """(name prefix, holder, key) of every expert module: the local experts, then the residual MLP."""
+        experts = self.deepspeed_moe.experts.deepspeed_experts
+        slots: List[Tuple[str, Any, Any]] = [(f"deepspeed_moe.experts.deepspeed_experts.{i}.", experts, i)
+                                             for i in range(len(experts))]
+        if self.use_residual:
+            slots.append(("mlp.", self, "mlp"))
+        return slots
+
+    def _linears_at(self, path: str) -> List[Tuple[str, nn.Module]]:
+        """(name prefix, expert linear) at ``path`` of every expert module."""
+        out = []
+        for prefix, holder, key in self._slots():
+            owner = holder[key] if isinstance(key, int) else getattr(holder, key)
+            out.append((prefix + (path + "." if path else ""), owner.get_submodule(path) if path else owner))
+        return out
+
     def _replace_linears(self, path: str, convert: Callable[[nn.Module], nn.Module]) -> None:
         """Swap the expert linear at ``path`` of every expert module (local experts, residual MLP)."""
-        experts = self.deepspeed_moe.experts.deepspeed_experts
-        slots: List[Tuple[Any, Any]] = [(experts, i) for i in range(len(experts))]
-        if self.use_residual:
-            slots.append((self, "mlp"))
-        for holder, key in slots:
+        for _, holder, key in self._slots():
             owner = holder[key] if isinstance(key, int) else getattr(holder, key)
             if not path:  # the expert is a bare linear
                 new = convert(owner)
@@ -220,6 +241,36 @@ class PADMoE(MoE, Packable):
             parent = owner.get_submodule(parent_path) if parent_path else owner
             setattr(parent, leaf, convert(getattr(parent, leaf)))
 
+    def dense_sources(self) -> Dict[str, DenseSource]:
+        """{packed parameter (relative name): where its values sit in the dense layout}; packed layers only."""
+        out: Dict[str, DenseSource] = {}
+        for path, key in self._unit_of_path.items():
+            unit = self.pad[key]
+            out.update(unit.static_source(f"pad.{key}."))
+            for prefix, lin in self._linears_at(path):
+                positions = unit.positions if unit.shared_mask else lin.positions
+                out[prefix + "values"] = DenseSource(prefix + "weight", unit.weight_shape,
+                                                     partial(gather_at, positions=positions))
+        return out
+
+    def storage_sizes(self) -> Dict[str, Tuple[int, int]]:
+        out: Dict[str, Tuple[int, int]] = {}
+        for path, key in self._unit_of_path.items():
+            unit = self.pad[key]
+            p, value_bytes = unit.weight_shape.numel(), unit.static_tensor().element_size()
+            out.update(unit_sizes(unit, f"pad.{key}.", value_bytes))
+            for prefix, lin in self._linears_at(path):
+                packed = isinstance(lin, PackedExpertLinear)
+                own = lin.positions if packed else lin.mask
+                if packed:
+                    n = lin.values.numel()
+                else:
+                    n = int(torch.count_nonzero(lin.mask if own is not None else unit.mask))
+                out[prefix + ("values" if packed else "weight")] = (n * value_bytes, p * value_bytes)
+                if own is not None:
+                    out[prefix + ("positions" if packed else "mask")] = (4 * n, p)
+        return out
+
     # -- distributed -------------------------------------------------------------------------
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         # Called by the engine on every rank before any expert group exists: fail here, not in a collective.
@@ -228,6 +279,10 @@ class PADMoE(MoE, Packable):
             if world % self.ep_size:
                 raise ValueError(f"world size {world} is not divisible by ep_size={self.ep_size}: expert-parallel "
                                  "groups tile the ranks, so launch a multiple of ep_size ranks or change ep_size")
+        if self.deepspeed_moe.ep_group is not None:
+            # An engine rebuilt around this layer (the switch to packed storage): the groups exist and the
+            # layer holds them already; DeepSpeed's gate refuses to be given its group twice.
+            return
         super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
 
     # -- forward -----------------------------------------------------------------------------

@@ -264,6 +264,16 @@ class PADUnit(nn.Module):
         """(lambda_d, lambda_s) as 0-d tensors carrying gradient to ``phi`` where it is learned."""
         return lambda_pair(self.lambda_mode, self.phi.view(()))
 
+    def _shared_only(self) -> None:
+        if not self.shared_mask:
+            raise ValueError(f"PAD weight {self.name!r} uses per-expert masks (mask_scope='expert'): ask the layer "
+                             "for its experts' ratios")
+
+    def dynamic_ratio(self) -> float:
+        """Fraction of the shared mask's entries that are dynamic."""
+        self._shared_only()
+        return int(torch.count_nonzero(self.mask)) / self.mask.numel()
+
     def check_mask(self, mask: Tensor, what: str = "mask") -> Tensor:
         if tuple(mask.shape) != tuple(self.weight_shape):
             raise ValueError(f"{what} for PAD weight {self.name or '<unnamed>'} has shape {tuple(mask.shape)}, "
