@@ -1,4 +1,5 @@
-"""Training memory per rank: DeepSpeed's stock MoE (fully dynamic) against PAD at dynamic ratios 1.0, 0.5, 0.3.
+"""Training memory per rank: DeepSpeed's stock MoE (fully dynamic) against PAD at dynamic ratios 1.0, 0.5, 0.3,
+dense and packed.
 
     python -m bench.memory [--quick] [--shapes h256,h768] [--out bench/results/memory.json]
 
@@ -24,18 +25,30 @@ during one training forward of the MoE layer, captured with
 composition terms (``S``, ``Md``, ``1 - M``, kept on the hub node's context) and the weight-sized
 workspace each PAD unit keeps.
 
-``memory_ratio_rXX`` = PAD at ratio XX / stock MoE, model states per rank (training memory; PAD
-trains with dense static weights and full expert tensors, so this is >= 1 and the same for every
-ratio). ``deployment_ratio_rXX`` is the packed storage ``(1-r)P + rEP`` over ``EP`` from
-``padnet_ds.pad.accounting.pad_counts`` (expert weights only; biases and gate excluded).
+Checkpoint bytes (``checkpoint_bytes``): the size on disk of one ``engine.save_checkpoint`` after
+those steps, every rank's files together (model states, one file per global expert, ZeRO
+optimizer partitions); ``checkpoint_bytes_ratio_packed_rXX`` is packed over the stock MoE's.
+
+``memory_ratio_rXX`` = PAD at ratio XX / stock MoE, model states per rank (training memory; dense
+PAD trains with dense static weights and full expert tensors, so this is >= 1 and the same for
+every ratio). ``memory_ratio_packed_rXX``: the same layer packed (``PADMoE.pack``: each expert
+holds only its values at the mask's dynamic positions, the static weight only where the mask is
+0, int32 positions once per layer); ``packed_dense_static`` keeps the whole static weight (the
+alternative the packed layout was chosen against). ``deployment_ratio_rXX`` is the packed storage
+``(1-r)P + rEP`` over ``EP`` from ``padnet_ds.pad.accounting.pad_counts`` (expert weights only;
+biases and gate excluded).
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any, Dict, List
 
 from . import common
 
 RATIOS = (1.0, 0.5, 0.3)
+PACKED_RATIOS = (0.5, 0.3)
+PACKED_KINDS = ("packed", "packed_dense_static")
 
 
 def _storage(t) -> tuple:
@@ -116,6 +129,7 @@ def saved_activation_bytes(fn, exclude_ptrs: set) -> int:
     import torch
 
     from padnet_ds.pad.compose import Composition
+    from padnet_ds.pad.packed import PackedComposition
 
     storages: Dict[int, int] = {}
 
@@ -130,23 +144,43 @@ def saved_activation_bytes(fn, exclude_ptrs: set) -> int:
         return t
 
     built = []
-    original = Composition.__init__
+    originals = {cls: cls.__init__ for cls in (Composition, PackedComposition)}
 
-    def recording_init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        built.append(self)
+    def recording(original):
+        def init(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            built.append(self)
+        return init
 
-    Composition.__init__ = recording_init
+    for cls, original in originals.items():
+        cls.__init__ = recording(original)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = fn()
     finally:
-        Composition.__init__ = original
+        for cls, original in originals.items():
+            cls.__init__ = original
     for comp in built:
         for t in comp.kept():
             add(t)
     del out
     return sum(storages.values())
+
+
+def checkpoint_bytes(engine, folder: str, tag: str) -> int:
+    """Bytes on disk of ``engine.save_checkpoint`` (every rank's files; removed afterwards). Collective."""
+    import shutil
+
+    import torch
+
+    engine.save_checkpoint(folder, tag=tag)
+    torch.distributed.barrier()
+    path = Path(folder) / tag
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(path)
+    return total
 
 
 def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -165,11 +199,10 @@ def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
         h, f = shape["hidden"], shape["ffn"]
         x = torch.randn(shape["batch"], shape["seq"], h, requires_grad=True)
         res[s] = {}
-        for variant in ["moe"] + [f"pad_r{r}" for r in cfg["ratios"]]:
-            if variant == "moe":
-                model = make_models(h, f, 2, variants=("moe",))["moe"]
-            else:
-                model = make_models(h, f, 2, variants=("pad",), ratio=float(variant[5:]))["pad"]
+        variants = [("moe", "moe", 1.0)] + [(f"pad_r{r}", "pad", r) for r in cfg["ratios"]]
+        variants += [(f"{kind}_r{r}", kind, r) for kind in PACKED_KINDS for r in cfg["packed_ratios"]]
+        for variant, kind, ratio in variants:
+            model = make_models(h, f, 2, variants=(kind,), ratio=ratio)[kind]
             engine = build_engine(model, ds_config(shape["batch"]), optimizer=adamw)
             train_step(engine, x)
             y, aux = engine(x)
@@ -181,7 +214,8 @@ def _rank(cfg: Dict[str, Any]) -> Dict[str, Any]:
             act = saved_activation_bytes(lambda engine=engine: engine(x), param_ptrs)
             layer = engine.module.moe
             dyn = layer.dynamic_ratio() if hasattr(layer, "dynamic_ratio") else 1.0
-            res[s][variant] = dict(model_states_bytes=states, activation_bytes=act, dynamic_ratio=dyn)
+            res[s][variant] = dict(model_states_bytes=states, activation_bytes=act, dynamic_ratio=dyn,
+                                   checkpoint_bytes=checkpoint_bytes(engine, cfg["checkpoint_dir"], f"{s}_{variant}"))
             del engine, model
             gc.collect()
     return res
@@ -193,8 +227,10 @@ def main(argv=None) -> Dict[str, Any]:
     common.add_shape_args(ap, threads=False)
     args = ap.parse_args(argv)
     shapes = common.chosen_shapes(args)
-    cfg = dict(shapes=shapes, ratios=RATIOS)
-    per_rank = common.spawn(_rank, 2, cfg)
+    with tempfile.TemporaryDirectory(prefix="padnet-bench-memory-") as folder:
+        cfg = dict(shapes=shapes, ratios=RATIOS, packed_ratios=PACKED_RATIOS, checkpoint_dir=folder)
+        per_rank = common.spawn(_rank, 2, cfg)
+    del cfg["checkpoint_dir"]
     from padnet_ds.pad.accounting import pad_counts
 
     res: Dict[str, Any] = {}
@@ -208,10 +244,11 @@ def main(argv=None) -> Dict[str, Any]:
         for v, m in r0.items():
             st = m["model_states_bytes"]
             entry[v] = dict(m, memory_ratio=st["total"] / base, activation_ratio=m["activation_bytes"] / base_act,
+                            checkpoint_ratio=m["checkpoint_bytes"] / r0["moe"]["checkpoint_bytes"],
                             rank1_total_bytes=per_rank[1][s][v]["model_states_bytes"]["total"])
             rows.append([v, st["params"] / mib, st["grads"] / mib, st["master"] / mib, st["optimizer"] / mib,
                          st["other"] / mib, st["total"] / mib, st["total"] / base, m["activation_bytes"] / mib,
-                         m["activation_bytes"] / base_act])
+                         m["activation_bytes"] / base_act, m["checkpoint_bytes"] / mib, entry[v]["checkpoint_ratio"]])
         shape = common.SHAPES[s]
         p = shape["hidden"] * shape["ffn"]
         deploy = {str(r): pad_counts(p, 8, r)["pad"] / pad_counts(p, 8, r)["fully_dynamic"] for r in RATIOS}
@@ -220,7 +257,7 @@ def main(argv=None) -> Dict[str, Any]:
         res[s] = dict(variants=entry, deployment_ratio=deploy, deployment_ratio_dense_static=deploy_dense_static)
         print(f"\n[{s}] per rank (rank 0), MiB; ep_size 2, ZeRO 2, fp32, AdamW, {common.tokens(shape)} tokens per rank")
         print(common.table(["variant", "params", "grads", "master", "adam", "other", "total", "vs moe", "activ.",
-                            "act vs moe"], rows))
+                            "act vs moe", "ckpt (all ranks)", "ckpt vs moe"], rows))
         print(common.table(["deployment (packed) vs fully dynamic", "ratio"],
                            [[f"r={r}", v] for r, v in deploy.items()]))
     first = res[shapes[0]]
@@ -229,7 +266,15 @@ def main(argv=None) -> Dict[str, Any]:
                   memory_ratio_r10=first["variants"]["pad_r1.0"]["memory_ratio"],
                   memory_ratio_r05=first["variants"]["pad_r0.5"]["memory_ratio"],
                   memory_ratio_r03=first["variants"]["pad_r0.3"]["memory_ratio"],
+                  memory_ratio_packed_r05=first["variants"]["packed_r0.5"]["memory_ratio"],
+                  memory_ratio_packed_r03=first["variants"]["packed_r0.3"]["memory_ratio"],
+                  checkpoint_bytes_ratio_packed_r05=first["variants"]["packed_r0.5"]["checkpoint_ratio"],
+                  checkpoint_bytes_ratio_packed_r03=first["variants"]["packed_r0.3"]["checkpoint_ratio"],
+                  checkpoint_bytes_ratio_r05=first["variants"]["pad_r0.5"]["checkpoint_ratio"],
+                  memory_ratio_packed_dense_static_r05=first["variants"]["packed_dense_static_r0.5"]["memory_ratio"],
+                  memory_ratio_packed_dense_static_r03=first["variants"]["packed_dense_static_r0.3"]["memory_ratio"],
                   activation_ratio_r05=first["variants"]["pad_r0.5"]["activation_ratio"],
+                  activation_ratio_packed_r05=first["variants"]["packed_r0.5"]["activation_ratio"],
                   deployment_ratio_r05=first["deployment_ratio"]["0.5"],
                   deployment_ratio_r03=first["deployment_ratio"]["0.3"],
                   memory_ratio_per_shape={s: {v: e["memory_ratio"] for v, e in r["variants"].items()}
@@ -238,7 +283,12 @@ def main(argv=None) -> Dict[str, Any]:
                                               for s, r in res.items()})
     out = common.write_json(args.out, result)
     print(f"\nmemory_ratio r0.5 = {result['memory_ratio_r05']:.3f}, r0.3 = {result['memory_ratio_r03']:.3f} (training, "
-          f"{shapes[0]}); deployment r0.5 = {result['deployment_ratio_r05']:.3f}, r0.3 = "
+          f"{shapes[0]}); packed r0.5 = {result['memory_ratio_packed_r05']:.3f}, r0.3 = "
+          f"{result['memory_ratio_packed_r03']:.3f} (goal <= 0.62 / 0.45; dense static weight: "
+          f"{result['memory_ratio_packed_dense_static_r05']:.3f} / "
+          f"{result['memory_ratio_packed_dense_static_r03']:.3f}); checkpoint bytes packed r0.5 / moe = "
+          f"{result['checkpoint_bytes_ratio_packed_r05']:.3f}; "
+          f"deployment r0.5 = {result['deployment_ratio_r05']:.3f}, r0.3 = "
           f"{result['deployment_ratio_r03']:.3f}; wrote {out}")
     return result
 

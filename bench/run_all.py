@@ -21,7 +21,9 @@ from typing import Any, Dict, List, Optional
 from . import common
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("moe_step", "authors_layer", "memory", "gemm", "scaling", "partitioner", "dyconv")
+BENCHES = ("moe_step", "authors_layer", "memory", "gemm", "scaling", "partitioner", "dyconv", "imp_recovery")
+IMP_RECOVERY_KEYS = ("imp_recovery_precision", "imp_recovery_precision_random", "imp_recovery_precision_magnitude",
+                     "imp_recovery_loss_ratio", "imp_recovery_loss_ratio_random", "imp_recovery_loss_ratio_magnitude")
 
 
 def _args(name: str, quick: bool) -> List[str]:
@@ -91,20 +93,35 @@ def main(argv=None) -> Dict[str, Any]:
     summary: Dict[str, Any] = dict(
         step_ratio_vs_deepspeed_moe=number(ms, "step_ratio_vs_deepspeed_moe"),
         step_ratio_per_shape=(ms or {}).get("step_ratio_per_shape"),
+        fill_fraction_per_shape=(ms or {}).get("fill_fraction_per_shape"),
+        step_ratio_dropless_vs_deepspeed_no_drop_per_shape=(ms or {}).get(
+            "step_ratio_dropless_vs_deepspeed_no_drop_per_shape"),
+        fill_fraction_no_drop_per_shape=(ms or {}).get("fill_fraction_no_drop_per_shape"),
         layer_ratio_vs_authors=number(al, "layer_ratio_vs_authors"),
         layer_ratio_per_shape=(al or {}).get("layer_ratio_per_shape"),
         memory_ratio_r05=number(mem, "memory_ratio_r05"),
         memory_ratio_r03=number(mem, "memory_ratio_r03"),
+        memory_ratio_packed_r05=number(mem, "memory_ratio_packed_r05"),
+        memory_ratio_packed_r03=number(mem, "memory_ratio_packed_r03"),
+        checkpoint_bytes_ratio_packed_r05=number(mem, "checkpoint_bytes_ratio_packed_r05"),
+        step_ratio_packed_vs_deepspeed_moe=number(ms, "step_ratio_packed_vs_deepspeed_moe"),
+        step_ratio_packed_per_shape=(ms or {}).get("step_ratio_packed_per_shape"),
         activation_ratio_r05=number(mem, "activation_ratio_r05"),
         deployment_ratio_r05=number(mem, "deployment_ratio_r05"),
         deployment_ratio_r03=number(mem, "deployment_ratio_r03"),
         gemm_efficiency=number(gm, "gemm_efficiency"),
         gemm_efficiency_per_shape=(gm or {}).get("gemm_efficiency_per_shape"),
+        grouped_kernel_vs_loop_per_shape=(gm or {}).get("grouped_kernel_vs_loop_per_shape"),
         partitioner_overhead=partitioner_overhead(raw.get("partitioner")),
         partitioner_overhead_per_shape=(raw.get("partitioner") or {}).get("overhead_per_shape"),
         weak_scaling=number(sc, "weak_scaling"),
         dyconv_ratio=number(raw.get("dyconv"), "ratio_vs_plain", "pad"),
+        **{key: number(raw.get("imp_recovery"), key) for key in IMP_RECOVERY_KEYS},
     )
+    if raw.get("imp_recovery"):  # the spread over seeds beside the means
+        summary["imp_recovery_seeds"] = {f"{what}_{m}": {k: v for k, v in d.items() if k != "std"}
+                                         for what in ("precision", "loss_ratio")
+                                         for m, d in raw["imp_recovery"][what].items()}
     if ms:
         summary["step_overhead_breakdown"] = {s: r.get("overhead_share_of_moe_step")
                                               for s, r in ms.get("results", {}).items()}

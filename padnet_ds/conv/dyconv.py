@@ -13,11 +13,19 @@ so the mask is applied to the K kernels once per forward (K*P work) and the per-
 aggregation plus the static term is one ``addmm``: PAD adds O(K*P) work to plain DY-Conv's
 O(B*K*P) aggregation, never an extra batch-sized pass. Samples are convolved in one call
 by folding the batch into the groups dimension.
+
+Packed (``pack()``, once the mask is final; ``pad.packed``): the K kernels hold only their
+values at the mask's dynamic positions, ``V`` [K, n], and
+
+    W_eff(x) = S + scatter_idx(lambda_d * pi(x) @ V)
+
+so the aggregation is O(B*K*n) with n = rP.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, List, Optional
+from functools import partial
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +34,8 @@ from torch.nn.modules.utils import _pair
 
 from ..pad.accounting import pad_counts
 from ..pad.compose import PADUnit
+from ..pad.packed import (DenseSource, Packable, PackedUnit, complement_of, gather_at, pack_unit, scatter_at,
+                          unit_sizes, unpack_unit)
 
 
 def _conv_init_(weight: Tensor, bias: Optional[Tensor] = None) -> None:
@@ -53,7 +63,7 @@ class KernelAttention(nn.Module):
         return torch.softmax(self.logits(x) / temperature, dim=1)
 
 
-class PADDynamicConv2d(nn.Module):
+class PADDynamicConv2d(nn.Module, Packable):
     """DY-Conv whose aggregated kernel is composed with a static kernel under a PAD mask.
 
     ``lambda_mode="none"`` with the mask all ones is plain (fully dynamic) DY-Conv.
@@ -109,19 +119,75 @@ class PADDynamicConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         pi = self.kernel_attention(x)                                   # [B, K]
-        static, mdyn = self.pad.shared_terms()                          # [out, in/g, kh, kw] each
-        kernels = (mdyn * self.weight).flatten(1)                        # [K, P]: mask once per kernel
-        weight = torch.addmm(static.reshape(1, -1), pi, kernels)         # [B, P] = S + Md * W~(x)
+        weight = self._packed_kernels(pi) if self.packed else self._dense_kernels(pi)  # [B, P]
         bias = None if self.bias is None else torch.mm(pi, self.bias).reshape(-1)  # never masked
-        out = F.conv2d(x.reshape(1, b * c, h, w), weight.reshape(b * self.out_channels, *static.shape[1:]),
+        shape = self.pad.weight_shape
+        out = F.conv2d(x.reshape(1, b * c, h, w), weight.reshape(b * self.out_channels, *shape[1:]),
                        bias, self.stride, self.padding, self.dilation, b * self.groups)
         return out.reshape(b, self.out_channels, *out.shape[2:])
+
+    def _dense_kernels(self, pi: Tensor) -> Tensor:
+        static, mdyn = self.pad.shared_terms()                          # [out, in/g, kh, kw] each
+        kernels = (mdyn * self.weight).flatten(1)                        # [K, P]: mask once per kernel
+        return torch.addmm(static.reshape(1, -1), pi, kernels)          # [B, P] = S + Md * W~(x)
+
+    def _packed_kernels(self, pi: Tensor) -> Tensor:
+        # W_eff(x) = S + scatter_idx(lambda_d pi(x) @ V): the aggregation runs over the n dynamic
+        # values of each kernel only; S is zero at idx, so the mixed values are written over it.
+        unit = self.pad
+        lam_d, lam_s = unit.lambdas()
+        dyn = unit.positions.long()
+        numel = unit.weight_shape.numel()
+        static = unit.static_values.new_zeros(numel).index_copy(0, complement_of(dyn, numel),
+                                                                unit.static_values * lam_s)  # [P] = S
+        mixed = torch.mm(pi, self.values * lam_d).to(static.dtype)      # [B, n]
+        return static.expand(pi.shape[0], numel).index_copy(1, dyn, mixed)  # [B, P]
+
+    # -- packed storage ----------------------------------------------------------------------
+    @property
+    def packed(self) -> bool:
+        return isinstance(self.pad, PackedUnit)
+
+    def pack(self) -> None:
+        """Keep only the kernels' dynamic entries, ``values`` [K, n], under the current mask (final)."""
+        if self.packed:
+            raise ValueError(f"DY-Conv layer {self.pad.name!r} is already packed")
+        unit = pack_unit(self.pad)
+        values = nn.Parameter(gather_at(self.weight, unit.positions, batch_dims=1))  # [K, n]
+        values.requires_grad_(self.weight.requires_grad)
+        del self.weight
+        self.values = values
+        self.pad = unit
+
+    def unpack(self) -> None:
+        """The dense kernels again (zero outside the mask, where the composition never reads them)."""
+        if not self.packed:
+            raise ValueError(f"DY-Conv layer {self.pad.name!r} is not packed")
+        weight = nn.Parameter(scatter_at(self.values, self.pad.positions, self.pad.weight_shape))  # [K, *shape]
+        weight.requires_grad_(self.values.requires_grad)
+        del self.values
+        self.weight = weight
+        self.pad = unpack_unit(self.pad)
+
+    def dense_sources(self) -> Dict[str, DenseSource]:
+        unit = self.pad
+        take = partial(gather_at, positions=unit.positions, batch_dims=1)
+        return {"values": DenseSource("weight", torch.Size((self.num_kernels, *unit.weight_shape)), take),
+                **unit.static_source("pad.")}
+
+    def storage_sizes(self) -> Dict[str, Tuple[int, int]]:
+        unit = self.pad
+        p, value_bytes = unit.weight_shape.numel(), unit.static_tensor().element_size()
+        n = round(self.dynamic_ratio() * p)
+        factors = "values" if self.packed else "weight"
+        return {factors: (self.num_kernels * n * value_bytes, self.num_kernels * p * value_bytes),
+                **unit_sizes(unit, "pad.", value_bytes)}
 
     def pad_units(self) -> List[PADUnit]:
         return [self.pad]
 
     def dynamic_ratio(self) -> float:
-        return float(self.pad.mask.float().mean())
+        return self.pad.dynamic_ratio()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -134,7 +200,7 @@ def conv_param_counts(layer: PADDynamicConv2d) -> Dict[str, float]:
 
     Biases and attention are the same for both and not counted.
     """
-    p = layer.pad.static_weight.numel()
+    p = layer.pad.weight_shape.numel()
     c = pad_counts(p, layer.num_kernels, layer.dynamic_ratio(), layer.pad.lambda_mode != "prune")
     return dict(kernel_size=p, num_kernels=layer.num_kernels, fully_dynamic=c["fully_dynamic"], pad=c["pad"],
                 pad_dense_static=c["pad_dense_static"], mask_entries=p, dynamic_ratio=c["dynamic_ratio"])

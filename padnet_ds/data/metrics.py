@@ -49,3 +49,26 @@ def compute_metrics(spec, predictions, labels) -> dict[str, float]:
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown} in task {spec.name!r}; known: {list(METRICS)}")
     return {m: METRICS[m](pred, gold) for m in spec.metrics}
+
+
+def trivial_baseline(metric: str, is_regression: bool, train_labels, eval_labels) -> float:
+    """``metric`` on the eval split for a constant prediction: the eval split's majority class
+    (classification; ties: the lowest id), or the mean of the training labels (regression).
+
+    A model that does not beat this has learned nothing a constant could not do; with a
+    correlation metric the constant scores 0.
+    """
+    gold = np.asarray(eval_labels).reshape(-1)
+    if len(gold) == 0:
+        raise ValueError("no eval labels to score a baseline on")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {list(METRICS)}")
+    if is_regression:
+        gold = gold.astype(np.float64)
+        pred = np.full(len(gold), float(np.mean(np.asarray(train_labels, dtype=np.float64))))
+    else:
+        values, counts = np.unique(gold, return_counts=True)
+        pred = np.full(len(gold), values[np.argmax(counts)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # f1 of a constant negative prediction: sklearn warns and returns 0
+        return METRICS[metric](pred, gold)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ log = logging.getLogger("padnet_ds")
 
 TAG_PREFIX = "step"
 CLIENT_KEY = "padnet"  # the loop state's key in DeepSpeed's client state
+FOOTPRINT_KEY = "padnet_footprint"  # layout and sizes (engine/footprint.py), for inspect
 RNG_FILE = "padnet_rng_rank{}.pt"
 
 
@@ -65,17 +66,21 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, partitioner, run_dir: RunDir, state: LoopState, keep: int) -> str:
+def save(engine, partitioner, run_dir: RunDir, state: LoopState, keep: int,
+         footprint: Optional[Dict[str, Any]] = None) -> str:
     """Collective: every rank writes its files into the staged tag, which is committed once all are
-    complete; then rank 0 prunes old tags. Returns the tag."""
+    complete; then rank 0 prunes old tags. Returns the tag. ``footprint`` (engine/footprint.py) is
+    recorded beside the loop state, for ``inspect``."""
     tag, ckpt = tag_of(state.step), run_dir.checkpoints
+    client = {CLIENT_KEY: state.state_dict()}
+    if footprint is not None:
+        client[FOOTPRINT_KEY] = footprint
     with write_tag(ckpt, tag, meta={"step": state.step, "world_size": world_size()}) as stage:
         stage.claim(atomic_torch_save(rng_state(), stage.dir / RNG_FILE.format(rank())))
         if partitioner is not None:
             stage.claim(partitioner.save(str(ckpt), stage.dir.name))
         # save_latest=False: DeepSpeed would write `latest` from rank 0 before the other ranks are done
-        engine.save_checkpoint(str(ckpt), tag=stage.dir.name, client_state={CLIENT_KEY: state.state_dict()},
-                               save_latest=False)
+        engine.save_checkpoint(str(ckpt), tag=stage.dir.name, client_state=client, save_latest=False)
         stage.claim(*engine.checkpoint_engine.take_written())
     if rank() == 0:
         prune_tags(ckpt, keep, protect=(tag,))

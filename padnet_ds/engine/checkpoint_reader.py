@@ -30,7 +30,7 @@ import torch
 from ..commit import MANIFEST, PARTIAL, choose_tag
 from ..errors import CheckpointError
 from ..files import safe_load
-from .checkpoint import CLIENT_KEY
+from .checkpoint import CLIENT_KEY, FOOTPRINT_KEY
 from .run_dir import RunDir
 
 log = logging.getLogger("padnet_ds")
@@ -51,6 +51,7 @@ class CheckpointState:
     replicated: Dict[str, torch.Tensor]  # every key outside the experts
     experts: ExpertStates = field(default_factory=dict)  # MoE layer -> global expert id -> {name: tensor}
     loop_state: Dict[str, Any] = field(default_factory=dict)  # the trainer's LoopState.state_dict()
+    footprint: Dict[str, Any] = field(default_factory=dict)  # layout and sizes recorded at save (engine/footprint.py)
 
     @property
     def tag(self) -> str:
@@ -111,4 +112,5 @@ def read_checkpoint(path: str) -> CheckpointState:
     states = safe_load(tag_dir / MODEL_STATES)
     module = _mapping(tag_dir / MODEL_STATES, states, "module")
     return CheckpointState(run=run, tag_dir=tag_dir, config=RunDir(str(run)).saved_config(), replicated=dict(module),
-                           experts=read_experts(tag_dir), loop_state=dict(states.get(CLIENT_KEY) or {}))
+                           experts=read_experts(tag_dir), loop_state=dict(states.get(CLIENT_KEY) or {}),
+                           footprint=dict(states.get(FOOTPRINT_KEY) or {}))

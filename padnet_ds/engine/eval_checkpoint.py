@@ -13,10 +13,11 @@ from typing import Any, Dict, Sequence
 
 from ..commit import choose_tag
 from ..settings import ConfigError
-from .checkpoint_reader import locate
+from .checkpoint_reader import locate, read_checkpoint
 from .config import config_from_dict, merge, parse_overrides
 from .distributed import init_distributed, launch_world
 from .evaluate import evaluate
+from .packing import check_packed_checkpoint, is_packed_state, local_state, pack_like
 from .run_dir import RunDir
 from .setup import build_engine, seed_everything
 from .tasks import build_task
@@ -26,7 +27,7 @@ log = logging.getLogger("padnet_ds")
 
 
 def evaluate_run(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    run, ckpt, named = locate(path)
+    run, folder, named = locate(path)
     saved = RunDir(str(run)).saved_config()
     if not saved:
         raise ConfigError(f"{run} has no config.yaml: padnet-ds eval needs a run folder written by padnet-ds train")
@@ -36,18 +37,24 @@ def evaluate_run(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
         cfg.moe.ep_size = math.gcd(world, cfg.moe.ep_size)
     ds = validate_run(cfg, run_folder=False)  # every rank, before the process group exists
     init_distributed()
-    tag, skipped = choose_tag(ckpt, named, collective=True)
+    tag, skipped = choose_tag(folder, named, collective=True)
     for why in skipped:
         log.warning("checkpoint %s; evaluating the older %s", why, tag)
+    tag_dir = folder / tag
     seed_everything(cfg.seed)
     task = build_task(cfg)
+    saved_state = read_checkpoint(str(tag_dir))
+    check_packed_checkpoint(saved_state)
+    state = local_state(task.model, saved_state)
+    if is_packed_state(state):  # a packed checkpoint loads into a model packed like it
+        pack_like(task.model, state, f"checkpoint {tag_dir}")
     for key in ("optimizer", "scheduler"):
         ds.pop(key, None)
     ds["zero_optimization"] = {"stage": 0}  # inference: ZeRO's partitioned optimizer has nothing to do
     engine = build_engine(task.model, ds)
-    loaded, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_only=True,
+    loaded, _ = engine.load_checkpoint(str(folder), tag=tag, load_module_only=True,
                                        load_optimizer_states=False, load_lr_scheduler_states=False)
     if loaded is None:
-        raise FileNotFoundError(f"could not load {ckpt / tag}")
+        raise FileNotFoundError(f"could not load {tag_dir}")
     metrics = evaluate(engine, task, cfg.train.eval_batch_size)
-    return dict(metrics, checkpoint=str(ckpt / tag), rows=len(task.eval_set))
+    return dict(metrics, checkpoint=str(tag_dir), rows=len(task.eval_set))

@@ -7,7 +7,11 @@
 
 Each (task, variant, seed) is one ``train()`` in the same processes (the study itself runs
 under the launcher), writing its own run folder under ``out``. The study writes
-``results.json``, ``table.md`` (mean and std over seeds) and ``metric_vs_ratio.png``.
+``results.json``, ``table.md`` (mean and std over seeds of the final and the best eval) and
+``metric_vs_ratio.png``. Beside each task it states the trivial baseline (a constant prediction:
+the eval split's majority class, or the mean training label for regression, scored with the
+task's metric) and how many seeds of each variant beat it: when none does, the budget is too
+small for the variants to differ in anything but noise.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from ..comm import rank
 from ..files import atomic_write_text
 from ..settings import Bool, Float, Int, Settings
-from .config import config_from_dict, load_config, merge, parse_overrides, to_dict
+from .config import RunConfig, config_from_dict, load_config, merge, parse_overrides, to_dict
 
 Ratio = Annotated[Float, Field(gt=0, le=1, description="1.0 = the fully dynamic baseline")]
 
@@ -86,6 +90,7 @@ def run_study(config_path: str, pairs: Sequence[str]) -> Dict[str, Any]:
     study, run_overrides = parse_study_args(pairs)
     base = to_dict(load_config(config_path, run_overrides))
     results: List[Dict[str, Any]] = []
+    baselines: Dict[str, float] = {}
     out = Path(study.out)
     for task in study.tasks:
         image = base.get("task") == "image"
@@ -99,13 +104,37 @@ def run_study(config_path: str, pairs: Sequence[str]) -> Dict[str, Any]:
                 cfg = config_from_dict(values)
                 summary = train(cfg)
                 metric = summary["main_metric"]
+                if task not in baselines:
+                    baselines[task] = task_baseline(cfg, metric)
                 results.append(dict(task=task, variant=name, ratio=ratio, seed=seed, metric=metric,
                                     value=summary["eval"].get(metric), eval=summary["eval"],
+                                    best=summary.get("best_eval", {}).get(metric), baseline=baselines[task],
                                     dynamic_ratio=math.nan if name == "dense" else summary["dynamic_ratio"],
                                     output_dir=cfg.output_dir))
                 if rank() == 0:
                     write_outputs(out, study, results)
     return {"results": results, "table": table(results)}
+
+
+def task_baseline(cfg: RunConfig, metric: str) -> float:
+    """``metric`` of the trivial constant predictor on ``cfg``'s eval split (nan for other workloads)."""
+    from ..data.metrics import trivial_baseline
+
+    if cfg.task == "image":
+        from .vision import load_data, vision_config
+
+        data = load_data(vision_config(cfg))
+        return trivial_baseline(metric, False, data.train.tensors[1].tolist(), data.test.tensors[1].tolist())
+    if cfg.task != "text":
+        return math.nan
+    from ..data.text import load_text_task
+
+    spec, train_rows, eval_rows = load_text_task(cfg.data)
+    return trivial_baseline(metric, spec.is_regression, train_rows.labels, eval_rows.labels)
+
+
+def _mean_std(vals: List[float]) -> Tuple[float, float]:
+    return (statistics.fmean(vals) if vals else math.nan), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
 def aggregate(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -115,21 +144,41 @@ def aggregate(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     for (task, variant), runs in groups.items():
         vals = [r["value"] for r in runs if r["value"] is not None]
+        mean, std = _mean_std(vals)
+        best_mean, best_std = _mean_std([r["best"] for r in runs if r.get("best") is not None])
+        baseline = runs[0].get("baseline", math.nan)
         rows.append(dict(task=task, variant=variant, ratio=runs[0]["ratio"], metric=runs[0]["metric"],
-                         mean=statistics.fmean(vals) if vals else math.nan,
-                         std=statistics.stdev(vals) if len(vals) > 1 else 0.0, seeds=len(vals),
+                         mean=mean, std=std, best_mean=best_mean, best_std=best_std, seeds=len(vals),
+                         baseline=baseline, beat_baseline=sum(v > baseline for v in vals),
                          dynamic_ratio=statistics.fmean(r["dynamic_ratio"] for r in runs)))
     return rows
 
 
 def table(results: List[Dict[str, Any]]) -> str:
-    lines = ["| task | variant | target ratio | achieved ratio | metric | mean | std | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in aggregate(results):
+    rows = aggregate(results)
+    lines = ["| task | variant | target ratio | achieved ratio | metric | mean | std | best mean | best std "
+             "| seeds > trivial | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
         ratio = "-" if math.isnan(row["ratio"]) else f"{row['ratio']:g}"
         achieved = "-" if math.isnan(row["dynamic_ratio"]) else f"{row['dynamic_ratio']:.3f}"
+        beats = "-" if math.isnan(row["baseline"]) else f"{row['beat_baseline']}/{row['seeds']}"
         lines.append(f"| {row['task']} | {row['variant']} | {ratio} | {achieved} | {row['metric']} "
-                     f"| {row['mean']:.4f} | {row['std']:.4f} | {row['seeds']} |")
+                     f"| {row['mean']:.4f} | {row['std']:.4f} | {row['best_mean']:.4f} | {row['best_std']:.4f} "
+                     f"| {beats} | {row['seeds']} |")
+    lines += ["", "mean/std: the final eval; best: the best eval of each run. Trivial baseline: a constant "
+              "prediction (the eval split's majority class; the mean training label for regression) scored "
+              "with the task's metric; 'seeds > trivial' counts the seeds whose final eval beats it."]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        baseline = mine[0]["baseline"]
+        if math.isnan(baseline):
+            lines.append(f"- {task}: no trivial baseline for this workload")
+            continue
+        winners = [r["variant"] for r in mine if r["beat_baseline"]]
+        verdict = (f"beaten by {', '.join(winners)}" if winners else
+                   "NO variant beats it: this budget is too small to compare the variants")
+        lines.append(f"- {task}: trivial {mine[0]['metric']} = {baseline:.4f}; {verdict}")
     return "\n".join(lines)
 
 
@@ -161,6 +210,8 @@ def plot(path: Path, rows: List[Dict[str, Any]]) -> None:
                             label="random partition")
             if r["variant"] == "dense":
                 ax.axhline(r["mean"], color="gray", linestyle="--", label="dense")
+        if mine and not math.isnan(mine[0]["baseline"]):
+            ax.axhline(mine[0]["baseline"], color="red", linestyle=":", label="trivial baseline")
         ax.set_xlabel("dynamic ratio")
         ax.set_ylabel(mine[0]["metric"] if mine else "metric")
         ax.set_title(task)

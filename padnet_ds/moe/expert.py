@@ -2,9 +2,11 @@
 
 ``to_pad_expert`` turns every ``nn.Linear`` of a user's expert module into a
 :class:`PADExpertLinear` holding only that expert's ``W_e`` and ``b_e`` (plus its own mask
-when masks are per expert). The replicated half (static weight, shared mask, phi) is a
-:class:`~padnet_ds.pad.compose.PADUnit` owned by the layer and bound to every copy by
-reference, outside the module tree, so DeepSpeed never sees it as part of an expert.
+when masks are per expert); once the mask is final, :class:`PackedExpertLinear` holds only
+``W_e`` at the mask's dynamic positions (``pad.packed``). The replicated half (static weight,
+shared mask or positions, phi) is a :class:`~padnet_ds.pad.compose.PADUnit` owned by the
+layer and bound to every copy by reference, outside the module tree, so DeepSpeed never sees
+it as part of an expert.
 """
 from __future__ import annotations
 
@@ -15,21 +17,27 @@ import torch
 from torch import Tensor, nn
 
 from ..pad.compose import PADUnit
+from ..pad.packed import check_packed, gather_at, mask_of, positions_of, scatter_at
 
 
 class PADExpertLinear(nn.Module):
+    """One expert's dense dynamic factor ``W_e`` and bias ``b_e`` (and its own mask with per-expert masks)."""
 
-    def __init__(self, linear: nn.Linear, per_expert_mask: bool = False) -> None:
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor] = None) -> None:
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().clone())
-        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
-        if per_expert_mask:
-            self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        if mask is not None:
+            self.register_buffer("mask", mask.to(dtype=torch.bool, device=weight.device).clone())
         else:
             self.mask = None
         self.__dict__["unit"] = None  # bound by the layer; kept out of the module tree on purpose
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, per_expert_mask: bool = False) -> "PADExpertLinear":
+        mask = torch.ones_like(linear.weight, dtype=torch.bool) if per_expert_mask else None
+        return cls(linear.weight, linear.bias, mask)
 
     def bind(self, unit: PADUnit) -> None:
         self.__dict__["unit"] = unit
@@ -50,6 +58,73 @@ class PADExpertLinear(nn.Module):
                f"mask={'per-expert' if self.mask is not None else 'shared'}"
 
 
+class PackedExpertLinear(nn.Module):
+    """One expert's packed dynamic factor (``pad.packed``): ``values`` = ``W_e`` at the mask's
+    dynamic positions, ``b_e``, and with per-expert masks its own int32 ``positions``."""
+
+    def __init__(self, in_features: int, out_features: int, values: Tensor, bias: Optional[Tensor],
+                 positions: Optional[Tensor] = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.values = nn.Parameter(values)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        if positions is not None:
+            check_packed(f"expert linear {out_features}x{in_features}", (out_features, in_features), positions,
+                         values.numel(), "dynamic")
+            self.register_buffer("positions", positions)
+        else:
+            self.positions = None
+        self.__dict__["unit"] = None
+
+    def bind(self, unit: PADUnit) -> None:
+        self.__dict__["unit"] = unit
+
+    def forward(self, x: Tensor) -> Tensor:
+        unit: Optional[PADUnit] = self.__dict__["unit"]
+        if unit is None:
+            raise RuntimeError("PackedExpertLinear is not bound to a PAD unit: build it through padnet_ds.PADMoE")
+        return unit.composition(self).linear(x, self.values, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, " \
+               f"values={self.values.numel()}, mask={'per-expert' if self.positions is not None else 'shared'}"
+
+
+def _carry_tags(old: Tensor, new: Tensor) -> Tensor:
+    # DeepSpeed tags expert params once, when its Experts module is built (allreduce=False,
+    # group_name): a tensor that replaces one must carry the tags, or it would be all-reduced.
+    for tag in ("allreduce", "group_name"):
+        if hasattr(old, tag):
+            setattr(new, tag, getattr(old, tag))
+    new.requires_grad_(old.requires_grad)
+    return new
+
+
+def pack_expert_linear(linear: PADExpertLinear, shared_positions: Optional[Tensor]) -> PackedExpertLinear:
+    """``linear`` packed at the shared mask's positions, or (None) at its own mask's."""
+    own = shared_positions is None
+    positions = positions_of(linear.mask) if own else shared_positions
+    packed = PackedExpertLinear(linear.in_features, linear.out_features, gather_at(linear.weight, positions),
+                                None if linear.bias is None else linear.bias.detach().clone(),
+                                positions if own else None)
+    _carry_tags(linear.weight, packed.values)
+    if linear.bias is not None:
+        _carry_tags(linear.bias, packed.bias)
+    return packed
+
+
+def unpack_expert_linear(linear: PackedExpertLinear, shared_positions: Optional[Tensor]) -> PADExpertLinear:
+    """The dense form: ``W_e`` is zero outside the mask (where the composition never reads it)."""
+    positions = linear.positions if shared_positions is None else shared_positions
+    shape = (linear.out_features, linear.in_features)
+    mask = mask_of(linear.positions, shape) if linear.positions is not None else None
+    dense = PADExpertLinear(scatter_at(linear.values, positions, shape), linear.bias, mask)
+    _carry_tags(linear.values, dense.weight)
+    if linear.bias is not None:
+        _carry_tags(linear.bias, dense.bias)
+    return dense
+
+
 def unit_key(path: str) -> str:
     # ModuleDict keys may not contain '.', and must not contain 'expert' (DeepSpeed's
     # checkpoint code treats any state key with 'expert' in an MoE layer as an expert weight).
@@ -60,13 +135,13 @@ def to_pad_expert(expert: nn.Module, per_expert_mask: bool) -> Tuple[nn.Module, 
     """Copy ``expert`` with each ``nn.Linear`` replaced; returns it and {linear path: unit key}."""
     template = copy.deepcopy(expert)
     if isinstance(template, nn.Linear):
-        return PADExpertLinear(template, per_expert_mask), {"": unit_key("")}
+        return PADExpertLinear.from_linear(template, per_expert_mask), {"": unit_key("")}
     paths: Dict[str, str] = {}
     for path, module in list(template.named_modules()):
         if isinstance(module, nn.Linear):
             parent_path, _, leaf = path.rpartition(".")
             parent = template.get_submodule(parent_path) if parent_path else template
-            setattr(parent, leaf, PADExpertLinear(module, per_expert_mask))
+            setattr(parent, leaf, PADExpertLinear.from_linear(module, per_expert_mask))
             key = unit_key(path)
             while key in paths.values():
                 key += "_"
@@ -77,8 +152,12 @@ def to_pad_expert(expert: nn.Module, per_expert_mask: bool) -> Tuple[nn.Module, 
     return template, paths
 
 
-def expert_linears_of(module: nn.Module) -> List[Tuple[str, PADExpertLinear]]:
-    return [(p, m) for p, m in module.named_modules() if isinstance(m, PADExpertLinear)]
+EXPERT_LINEARS = (PADExpertLinear, PackedExpertLinear)
+
+
+def expert_linears_of(module: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(path, PAD expert linear, dense or packed) of ``module``, in module order."""
+    return [(p, m) for p, m in module.named_modules() if isinstance(m, EXPERT_LINEARS)]
 
 
 class FFNExpert(nn.Module):

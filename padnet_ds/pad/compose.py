@@ -44,7 +44,8 @@ def check_lambda_mode(mode: str) -> str:
     return mode
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
+def flat_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` over all entries (bf16/fp16 inputs summed in fp32)."""
     if a.dtype in (torch.float16, torch.bfloat16):
         return (a.float() * b.float()).sum()
     return torch.dot(a.reshape(-1), b.reshape(-1))
@@ -74,7 +75,7 @@ class Composition:
                 self.static = torch.mul(w_s, self.static_mask).mul_(lam_s)
             self.mdyn = torch.mul(m, lam_d)
         self.lam_d, self.lam_s = lam_d.detach(), lam_s.detach()
-        self.workspace = unit.workspace(w_s)
+        self.workspace = unit.workspace(w_s.dtype, w_s.device)
         self.learn_lam_d = lam_d.requires_grad
         self.single_use = single_use
         self.gsum: Optional[Tensor] = None       # sum_e G_e
@@ -89,9 +90,9 @@ class Composition:
         held = (self.static, self.mdyn, self.static_mask, self.scaled_static, self.workspace)
         return [t for t in held if t is not None]
 
-    def compose(self, weight: Tensor) -> Tensor:
-        """``S + Md * W_e`` in the shared workspace (valid until the next expert composes)."""
-        return torch.addcmul(self.static, self.mdyn, weight, out=self.workspace)
+    def compose(self, weight: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``S + Md * W_e`` into ``out``, by default the shared workspace (valid until the next expert composes)."""
+        return torch.addcmul(self.static, self.mdyn, weight, out=self.workspace if out is None else out)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """``F.linear(x, W_eff, bias)`` for one expert's ``W_e``/``b_e``."""
@@ -118,7 +119,7 @@ class Composition:
             grad.mul_(self.mdyn)
         if self.learn_lam_d and not self.scoring:  # while scoring, the hub reads it off the score sum
             # sum(G * M * W) = <G * Md, W> / lambda_d; lambda_d = 2 sigmoid(phi) > 0 (0 only if phi < -88)
-            d = _dot(grad, weight) / self.lam_d
+            d = flat_dot(grad, weight) / self.lam_d
             self.dlam_d = d if self.dlam_d is None else self.dlam_d + d
         return grad
 
@@ -144,7 +145,7 @@ class _Hub(torch.autograd.Function):
         grad_m = grad_ld = grad_ls = None
         if comp.scoring and comp.learn_lam_d:
             # dL/dlambda_d = sum_e <G_e M, W_e> = <M, sum_e G_e W_e>: one dot per layer instead of one per expert
-            comp.dlam_d = _dot(comp.dyn_score, comp.mdyn) / comp.lam_d
+            comp.dlam_d = flat_dot(comp.dyn_score, comp.mdyn) / comp.lam_d
         if need_m:
             grad_m = comp.dyn_score.mul_(comp.lam_d).addcmul_(g, comp.scaled_static, value=-1)
             comp.dyn_score = None
@@ -153,7 +154,7 @@ class _Hub(torch.autograd.Function):
         comp.dlam_d = None
         g.mul_(comp.static_mask)
         if need_ls:
-            grad_ls = _dot(g, w_s).to(comp.lam_s.dtype).reshape(comp.lam_s.shape)
+            grad_ls = flat_dot(g, w_s).to(comp.lam_s.dtype).reshape(comp.lam_s.shape)
         grad_ws = g.mul_(comp.lam_s) if need_ws else None
         return grad_ws, grad_ld, grad_ls, grad_m, None
 
@@ -232,23 +233,28 @@ class PADUnit(nn.Module):
         self.lambda_mode = check_lambda_mode(lambda_mode)
         self.name = name
         weight = static_weight.detach().clone()
-        if lambda_mode == "prune":
-            # The pruning baseline has no static part; keep the tensor for accounting only.
-            self.register_buffer("static_weight", weight)
-        else:
-            self.static_weight = nn.Parameter(weight)
+        self._register_static("static_weight", weight)
         # Shape (1,), not 0-d: DeepSpeed's parameter broadcast views every tensor as bytes.
-        phi = torch.zeros(1, dtype=weight.dtype, device=weight.device)
-        if lambda_mode in ("both", "s", "d"):
-            self.phi = nn.Parameter(phi)
-        else:
-            self.register_buffer("phi", phi)
+        self._register_phi(torch.zeros(1, dtype=weight.dtype, device=weight.device))
         self.shared_mask = shared_mask
         if shared_mask:
             self.register_buffer("mask", torch.ones(weight.shape, dtype=torch.bool, device=weight.device))
         # Set by the partitioner while it collects sensitivities: called with (mask owner, dL/dM).
         self.score_sink: Optional[ScoreSink] = None
         self._held: Optional[Composition] = None
+
+    def _register_static(self, name: str, static: Tensor) -> None:
+        if self.lambda_mode == "prune":
+            # The pruning baseline has no static part; keep the tensor for accounting only.
+            self.register_buffer(name, static)
+        else:
+            setattr(self, name, nn.Parameter(static))
+
+    def _register_phi(self, phi: Tensor) -> None:
+        if self.lambda_mode in ("both", "s", "d"):
+            self.phi = nn.Parameter(phi)
+        else:
+            self.register_buffer("phi", phi)
 
     @property
     def weight_shape(self) -> torch.Size:
@@ -258,11 +264,21 @@ class PADUnit(nn.Module):
         """(lambda_d, lambda_s) as 0-d tensors carrying gradient to ``phi`` where it is learned."""
         return lambda_pair(self.lambda_mode, self.phi.view(()))
 
+    def _shared_only(self) -> None:
+        if not self.shared_mask:
+            raise ValueError(f"PAD weight {self.name!r} uses per-expert masks (mask_scope='expert'): ask the layer "
+                             "for its experts' ratios")
+
+    def dynamic_ratio(self) -> float:
+        """Fraction of the shared mask's entries that are dynamic."""
+        self._shared_only()
+        return int(torch.count_nonzero(self.mask)) / self.mask.numel()
+
     def check_mask(self, mask: Tensor, what: str = "mask") -> Tensor:
         if tuple(mask.shape) != tuple(self.weight_shape):
             raise ValueError(f"{what} for PAD weight {self.name or '<unnamed>'} has shape {tuple(mask.shape)}, "
                              f"expected {tuple(self.weight_shape)} (the shape of one expert's weight)")
-        return mask.to(dtype=torch.bool, device=self.static_weight.device)
+        return mask.to(dtype=torch.bool, device=self.phi.device)
 
     def set_mask(self, mask: Tensor) -> None:
         if not self.shared_mask:
@@ -312,14 +328,26 @@ class PADUnit(nn.Module):
             self._held.token = None
         self._held = None
 
-    def workspace(self, like: Tensor) -> Tensor:
+    def static_tensor(self) -> Tensor:
+        """The static weight as stored (a parameter, or a buffer in ``prune`` mode)."""
+        return self.static_weight
+
+    def workspace(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A weight-sized scratch tensor kept across steps: composing into fresh multi-MB tensors
         costs page faults on CPU every step."""
         ws = self.__dict__.get("_workspace")
-        if ws is None or ws.shape != like.shape or ws.dtype != like.dtype or ws.device != like.device:
-            ws = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        if ws is None or ws.shape != self.weight_shape or ws.dtype != dtype or ws.device != device:
+            ws = torch.empty(self.weight_shape, dtype=dtype, device=device)
             self.__dict__["_workspace"] = ws
         return ws
+
+    def scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat scratch tensor of at least ``numel`` entries kept across steps (as :meth:`workspace`)."""
+        buf = self.__dict__.get("_scratch")
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self.__dict__["_scratch"] = buf
+        return buf
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, shape={tuple(self.weight_shape)}, lambda_mode={self.lambda_mode!r}, " \

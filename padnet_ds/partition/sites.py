@@ -7,6 +7,9 @@ A :class:`Site` is one PAD unit's family of masks as this rank sees it:
 - *expert*: per-expert masks (``mask_scope='expert'``). This rank holds its local experts' masks;
   ranks of the expert-data-parallel group hold the same experts, the expert-parallel group
   holds the rest. The residual MLP's own mask (``use_residual``) is a separate replicated site.
+
+A packed layer (``pad.packed``) has positions instead of masks: its sites carry rebuilt masks
+(for ratios and agreement checks) and no dense factors; the partitioner refuses to change them.
 """
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
+from ..moe.expert import PADExpertLinear
 from ..moe.layer import PADMoE, pad_moe_layers
 from ..moe.upcycle import global_expert_ids
 from ..pad.compose import PADUnit
+from ..pad.packed import PackedUnit, mask_of
 
 
 @dataclass
@@ -34,6 +39,11 @@ class Site:
     factors_sharded: bool = False  # replicated MoE site: the other experts' factors live on other EP ranks
 
     @property
+    def packed(self) -> bool:
+        """Stored packed (``pad.packed``): ``masks`` are rebuilt copies and the mask is final."""
+        return isinstance(self.unit, PackedUnit)
+
+    @property
     def replicated(self) -> bool:
         return self.experts is None
 
@@ -43,21 +53,27 @@ class Site:
         return self.masks[0].numel() * (1 if self.replicated else self.num_experts)
 
 
+def _factor(lin: nn.Module) -> List[Tensor]:
+    # A packed linear has no dense factor (and a packed site is never partitioned).
+    return [lin.weight] if isinstance(lin, PADExpertLinear) else []
+
+
 def _moe_sites(name: str, layer_name: str, layer: PADMoE, unit: PADUnit) -> List[Site]:
     path = next(p for p, key in layer._unit_of_path.items() if layer.pad[key] is unit)
     linears = layer.local_expert_linears(unit)
+    masks = layer.masks(unit)
     residual = layer.mlp.get_submodule(path) if layer.use_residual else None
     moe = dict(layer=layer_name, unit=unit, group_name=layer.expert_group_name)
     if unit.shared_mask:
         # Magnitude sums over the experts only (the residual MLP is not a dynamic factor).
-        return [Site(name, masks=[unit.mask], owners=[unit], factors=[[lin.weight for lin in linears]],
+        return [Site(name, masks=masks, owners=[unit], factors=[[w for lin in linears for w in _factor(lin)]],
                      factors_sharded=layer.ep_size > 1, **moe)]
-    sites = [Site(name, masks=[lin.mask for lin in linears], owners=list(linears),
-                  experts=global_expert_ids(layer), num_experts=layer.num_experts,
-                  factors=[[lin.weight] for lin in linears], **moe)]
+    sites = [Site(name, masks=masks, owners=list(linears), experts=global_expert_ids(layer),
+                  num_experts=layer.num_experts, factors=[_factor(lin) for lin in linears], **moe)]
     if residual is not None:
-        sites.append(Site(f"{name}.residual", masks=[residual.mask], owners=[residual],
-                          factors=[[residual.weight]], **moe))
+        mask = residual.mask if isinstance(residual, PADExpertLinear) else mask_of(residual.positions,
+                                                                                   unit.weight_shape)
+        sites.append(Site(f"{name}.residual", masks=[mask], owners=[residual], factors=[_factor(residual)], **moe))
     return sites
 
 
@@ -88,6 +104,7 @@ def find_sites(model: nn.Module) -> List[Site]:
                              "cannot find its masks; use shared_mask=True outside PADMoE")
         parent_name = name.rpartition(".")[0]
         parent = modules.get(parent_name)
-        sites.append(Site(name, layer=parent_name, unit=module, masks=[module.mask], owners=[module],
+        mask = mask_of(module.positions, module.weight_shape) if isinstance(module, PackedUnit) else module.mask
+        sites.append(Site(name, layer=parent_name, unit=module, masks=[mask], owners=[module],
                           factors=[_plain_factors(parent, module)]))
     return sites

@@ -48,3 +48,20 @@ def test_bad_inputs():
         compute_metrics(spec, [], [])
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['bleu'\]"):
         compute_metrics(TaskSpec("x", 2, False, ("bleu",), "bleu", ("a", "b")), [0], [0])
+
+
+def test_trivial_baseline_is_a_constant_prediction_scored_with_the_metric():
+    from padnet_ds.data.metrics import trivial_baseline
+
+    gold = [1, 0, 1, 1, 2, 1, 0]  # majority class 1: 4 of 7
+    assert trivial_baseline("accuracy", False, [0, 0, 0], gold) == pytest.approx(4 / 7)
+    assert trivial_baseline("mcc", False, [], gold) == 0.0  # a constant has no correlation
+    # binary, majority positive (3 of 5): precision 3/5, recall 1, F1 = 2 * 0.6 / 1.6
+    assert trivial_baseline("f1", False, [], [1, 1, 0, 1, 0]) == pytest.approx(0.75)
+    assert trivial_baseline("f1", False, [], [0, 0, 1]) == 0.0  # majority negative: nothing predicted positive
+    assert trivial_baseline("accuracy", False, [], [2, 0, 0, 2]) == 0.5  # a tie: the lowest id
+    # regression: the mean training label, constant, so correlations are 0
+    assert trivial_baseline("pearson", True, [1.0, 2.0, 6.0], [0.5, 3.0, 4.0]) == 0.0
+    assert trivial_baseline("spearman", True, [1.0, 2.0], [0.5, 3.0, 4.0]) == 0.0
+    with pytest.raises(ValueError, match="unknown metric"):
+        trivial_baseline("auc", False, [], gold)

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from padnet_ds.pad.compose import PADUnit
+from padnet_ds.pad.packed import pack_model
 from padnet_ds.partition import PartitionConfig, Partitioner
 from padnet_ds.partition.schedule import step_due, target_ratio
 from padnet_ds.partition.select import SAMPLE, kth_largest, select_each, select_global, top_k
@@ -222,3 +223,29 @@ def test_units_outside_moe_are_partitioned_too():
         assert all(abs(v["ratio"] - 0.5) <= 1 / s.numel for v, s in zip(entry["layers"].values(), part.sites))
         for s in part.sites:
             s.masks[0].fill_(True)
+
+
+def test_partition_steps_on_a_packed_model_are_refused_with_the_reason():
+    model = PToy()
+    part, _ = run_schedule(model, PartitionConfig(ratio=0.5, warmup_steps=0, interval=1, steps=1), 1)
+    masks = {s.name: [m.clone() for m in s.masks] for s in part.sites}
+    assert pack_model(model) == ["moes.0", "moes.1"]
+    x, y = data(1, 4, seed=0)
+    # a fresh partitioner on the packed model (a resumed run) reads its masks and ratios...
+    resumed = Partitioner(model, PartitionConfig(ratio=0.5, warmup_steps=0, interval=1, steps=2, method="magnitude"))
+    for site in resumed.sites:
+        assert site.packed and all(torch.equal(a, b) for a, b in zip(site.masks, masks[site.name]))
+    assert resumed.overall_ratio() == pytest.approx(part.overall_ratio())
+    # ...but refuses to change them, before any score or collective
+    with pytest.raises(RuntimeError, match=r"partition step 1 \(global step 1\) refused: the model is packed "
+                                           r"\(moes\.0\.pad\.fc1.*masks are final"):
+        resumed.after_step(1)
+    scoring = Partitioner(model, PartitionConfig(ratio=0.5, warmup_steps=0, interval=1, steps=2))
+    with pytest.raises(RuntimeError, match=r"scoring for partition step 1 .* refused.*partition\.pack: auto"):
+        scoring.before_step(0)
+    assert all(s.unit.score_sink is None for s in scoring.sites)
+    before = PartitionConfig(ratio=0.5, mode="before_training", perturb_std=0.3, steps=1, scoring_batches=1)
+    with pytest.raises(RuntimeError, match="before_training partitioning refused"):
+        Partitioner(model, before).run_before_training(model, [(x[0], y[0])],
+                                                        lambda m, b: F.mse_loss(m(b[0])[0], b[1]))
+    assert not any(p.grad is not None for p in model.parameters())
