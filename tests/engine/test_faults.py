@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from padnet_ds.comm import free_port
-from padnet_ds.commit import LATEST, MANIFEST, complete_tags, read_manifest, sha256_of
+from padnet_ds.commit import LATEST, complete_tags, read_manifest
 from padnet_ds.errors import CheckpointError
+from tests.checkpoints import resign
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -178,9 +179,7 @@ def forge(tag_dir: Path, name: str, marker: Path) -> None:
     from tests.test_files import crafted
 
     crafted(tag_dir / name, marker, inside_torch_file=True)
-    manifest = read_manifest(tag_dir)
-    manifest["files"][name] = {"size": (tag_dir / name).stat().st_size, "sha256": sha256_of(tag_dir / name)}
-    (tag_dir / MANIFEST).write_text(json.dumps(manifest))
+    resign(tag_dir, name)
 
 
 def resume_refused(args):
