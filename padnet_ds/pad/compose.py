@@ -96,13 +96,7 @@ class Composition:
 
     def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """``F.linear(x, W_eff, bias)`` for one expert's ``W_e``/``b_e``."""
-        if self.token is None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            y = F.linear(x, self.compose(weight), bias)
-        else:
-            y = _ExpertLinear.apply(x, weight, bias, self.token, self)
-        if self.single_use:
-            self.token = None  # the hub's context refers back to this object: do not keep a cycle alive
-        return y
+        return expert_linear(self, _ExpertLinear, x, weight, bias)
 
     def collect(self, grad: Tensor, weight: Tensor) -> Tensor:
         """Add one expert's ``G_e`` into the layer sums; returns ``G_e * Md`` (= dL/dW_e), in place where possible."""
@@ -122,6 +116,21 @@ class Composition:
             d = flat_dot(grad, weight) / self.lam_d
             self.dlam_d = d if self.dlam_d is None else self.dlam_d + d
         return grad
+
+
+def expert_linear(comp, function, x: Tensor, own: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """One expert linear through composition ``comp`` (dense or packed; ``own`` is its ``W_e`` or ``v_e``).
+
+    Without autograd (eval, no hub) a plain ``F.linear`` on the composed weight; otherwise the
+    autograd ``function``, which recomposes in backward instead of keeping ``W_eff``.
+    """
+    if comp.token is None and not (torch.is_grad_enabled() and (x.requires_grad or own.requires_grad)):
+        y = F.linear(x, comp.compose(own), bias)
+    else:
+        y = function.apply(x, own, bias, comp.token, comp)
+    if comp.single_use:
+        comp.token = None  # the hub's context refers back to the composition: do not keep a cycle alive
+    return y
 
 
 class _Hub(torch.autograd.Function):

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .compose import PADUnit, check_lambda_mode, flat_dot
+from .compose import PADUnit, check_lambda_mode, expert_linear, flat_dot
 
 MAX_POSITIONS = 2 ** 31 - 1  # int32
 PACKED_WEIGHTS = ("values", "static_values")  # parameter names of packed weights
@@ -186,13 +186,7 @@ class PackedComposition:
 
     def linear(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
         """``F.linear(x, W_eff, bias)`` for one expert's packed ``v_e``/``b_e``."""
-        if self.token is None and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)):
-            y = F.linear(x, self.compose(values), bias)
-        else:
-            y = _PackedExpertLinear.apply(x, values, bias, self.token, self)
-        if self.single_use:
-            self.token = None  # the hub's context refers back to this object: do not keep a cycle alive
-        return y
+        return expert_linear(self, _PackedExpertLinear, x, values, bias)
 
     def collect(self, grad: Tensor, values: Tensor) -> Tensor:
         """Take one expert's ``G_e`` into the layer sums; returns ``dL/dv_e = lambda_d G_e[idx]``."""

@@ -6,7 +6,7 @@ import torch
 
 from padnet_ds.comm import world_size
 from padnet_ds.engine.setup import build_engine, check_ds_config
-from tests.distributed.toy import Toy, batches, ds_config, expert_state, replicated_state
+from tests.distributed.toy import Toy, batches, ds_config, expert_state, replicated_state, train_steps
 from padnet_ds.testing import run_ranks
 
 ROWS = 4  # sequences per rank and step
@@ -82,16 +82,6 @@ def test_zero_stages_fp32_and_bf16_learn(pool, stage, bf16):
 
 
 def checkpoint_roundtrip(ckpt_dir):
-    def run(model, engine, xs, ys):
-        out = []
-        for xb, yb in zip(xs, ys):
-            pred, aux = engine(xb)
-            loss = torch.nn.functional.mse_loss(pred, yb) + 0.01 * aux
-            engine.backward(loss)
-            engine.step()
-            out.append(loss.item())
-        return out
-
     rank = torch.distributed.get_rank()
     x, y = batches(6, ROWS, seed=rank)
     cfg = ds_config(2, ROWS, clip=1.0)
@@ -100,16 +90,16 @@ def checkpoint_roundtrip(ckpt_dir):
         model.moe.pad["fc1"].mask.copy_(torch.rand(model.moe.pad["fc1"].mask.shape,
                                                    generator=torch.Generator().manual_seed(0)) > 0.5)
     engine = build_engine(model, cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-    run(model, engine, x[:3], y[:3])
+    train_steps(engine, x[:3], y[:3])
     engine.save_checkpoint(ckpt_dir, tag="step3")
     saved = dict(replicated=replicated_state(model), experts=expert_state(model))
-    after = run(model, engine, x[3:], y[3:])
+    after = train_steps(engine, x[3:], y[3:])
 
     fresh = Toy(ep_size=2, seed=99)
     engine2 = build_engine(fresh, cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     engine2.load_checkpoint(ckpt_dir, tag="step3")
     loaded = dict(replicated=replicated_state(fresh), experts=expert_state(fresh))
-    resumed = run(fresh, engine2, x[3:], y[3:])
+    resumed = train_steps(engine2, x[3:], y[3:])
     return dict(saved=saved, loaded=loaded, after=after, resumed=resumed, files=sorted(os.listdir(
         os.path.join(ckpt_dir, "step3"))))
 
@@ -164,25 +154,14 @@ def safe_roundtrip(stage, bf16, ckpt_dir):
     rank = torch.distributed.get_rank()
     x, y = batches(4, ROWS, seed=rank)
     cfg = ds_config(stage, ROWS, bf16=bf16, clip=1.0)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-
-    def run(engine, xs, ys):
-        out = []
-        for xb, yb in zip(xs, ys):
-            pred, aux = engine(xb.to(dtype))
-            loss = torch.nn.functional.mse_loss(pred.float(), yb) + 0.01 * aux.float()
-            engine.backward(loss)
-            engine.step()
-            out.append(loss.item())
-        return out
 
     engine = build_engine(Toy(ep_size=2, seed=0), cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-    run(engine, x[:2], y[:2])
+    train_steps(engine, x[:2], y[:2])
     engine.save_checkpoint(ckpt_dir, tag="t2")
-    after = run(engine, x[2:], y[2:])
+    after = train_steps(engine, x[2:], y[2:])
     engine2 = build_engine(Toy(ep_size=2, seed=99), cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     engine2.load_checkpoint(ckpt_dir, tag="t2")
-    resumed = run(engine2, x[2:], y[2:])
+    resumed = train_steps(engine2, x[2:], y[2:])
     folder = os.path.join(ckpt_dir, "t2")
     for name in sorted(os.listdir(folder)):  # every file DeepSpeed wrote, on every rank
         safe_load(os.path.join(folder, name))

@@ -12,6 +12,7 @@ from tests.distributed.toy import (
     ds_config,
     expert_state,
     replicated_state,
+    train_steps,
 )
 
 ROWS = 4  # sequences per rank and step at 2 ranks
@@ -80,24 +81,13 @@ def checkpoint_roundtrip(ckpt_dir):
     rank = torch.distributed.get_rank()
     x, y = batches(6, ROWS, seed=rank)
     cfg = ds_config(2, ROWS, clip=1.0)
-
-    def run(engine, xs, ys):
-        out = []
-        for xb, yb in zip(xs, ys):
-            pred, aux = engine(xb)
-            loss = torch.nn.functional.mse_loss(pred, yb) + 0.01 * aux
-            engine.backward(loss)
-            engine.step()
-            out.append(loss.item())
-        return out
-
     model = Toy(ep_size=2, dynamic=0.5)
     model.moe.pack()
     engine = build_engine(model, cfg, optimizer=adamw)
-    run(engine, x[:3], y[:3])
+    train_steps(engine, x[:3], y[:3])
     engine.save_checkpoint(ckpt_dir, tag="step3")
     saved = dict(replicated=replicated_state(model), experts=expert_state(model))
-    after = run(engine, x[3:], y[3:])
+    after = train_steps(engine, x[3:], y[3:])
 
     fresh = Toy(ep_size=2, dynamic=0.5)  # same masks (so the same packed sizes), values moved off
     fresh.moe.pack()
@@ -107,7 +97,7 @@ def checkpoint_roundtrip(ckpt_dir):
     engine2 = build_engine(fresh, cfg, optimizer=adamw)
     engine2.load_checkpoint(ckpt_dir, tag="step3")
     loaded = dict(replicated=replicated_state(fresh), experts=expert_state(fresh))
-    resumed = run(engine2, x[3:], y[3:])
+    resumed = train_steps(engine2, x[3:], y[3:])
     return dict(saved=saved, loaded=loaded, after=after, resumed=resumed,
                 files=sorted(os.listdir(os.path.join(ckpt_dir, "step3"))),
                 dynamic={u.name: u.positions.numel() for u in model.moe.pad_units()})

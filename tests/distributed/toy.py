@@ -40,6 +40,18 @@ def batches(steps: int, rows: int, seed: int = 123):
     return x, y
 
 
+def train_steps(engine, xs, ys) -> list:
+    """One optimizer step per (x, y) batch on the Toy's MSE + 0.01 l_aux; the losses."""
+    out = []
+    for xb, yb in zip(xs, ys):
+        pred, aux = engine(xb.to(engine.module.inp.weight.dtype))
+        loss = torch.nn.functional.mse_loss(pred.float(), yb) + 0.01 * aux.float()
+        engine.backward(loss)
+        engine.step()
+        out.append(loss.item())
+    return out
+
+
 def ds_config(stage: int, micro: int, accum: int = 1, bf16: bool = False, clip: float = 0.0) -> dict:
     return {
         "train_micro_batch_size_per_gpu": micro,

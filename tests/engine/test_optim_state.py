@@ -4,7 +4,7 @@ import torch
 
 from padnet_ds.engine import optim_state
 from padnet_ds.engine.setup import build_engine
-from tests.distributed.toy import Toy, batches, ds_config
+from tests.distributed.toy import Toy, batches, ds_config, train_steps
 
 ROWS = 4
 
@@ -13,16 +13,6 @@ def adamw(params):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
 
 
-def steps(engine, xs, ys):
-    out = []
-    for xb, yb in zip(xs, ys):
-        pred, aux = engine(xb.to(engine.module.inp.weight.dtype))
-        loss = torch.nn.functional.mse_loss(pred.float(), yb) + 0.01 * aux.float()
-        engine.backward(loss)
-        engine.step()
-        out.append(loss.item())
-    return out
-
 
 def carry(configs):
     x, y = batches(6, ROWS, seed=torch.distributed.get_rank())
@@ -30,7 +20,7 @@ def carry(configs):
     for stage, bf16 in configs:
         cfg = ds_config(stage, ROWS, bf16=bf16, clip=1.0)
         src = build_engine(Toy(ep_size=2, dynamic=0.5), cfg, optimizer=adamw)
-        steps(src, x[:3], y[:3])
+        train_steps(src, x[:3], y[:3])
         keys = optim_state.moment_keys(src)
         named = dict(src.module.named_parameters())
         state = optim_state.read_all(src, named)
@@ -47,7 +37,7 @@ def carry(configs):
         # (stage 0 bf16: DeepSpeed's fp16-style optimizer takes one zero step at start-up)
         results[(stage, bf16)] = dict(keys=keys, step=(optim_state.step_count(src), optim_state.step_count(dst)),
                                       exact=exact,
-                                      src=steps(src, x[3:], y[3:]), dst=steps(dst, x[3:], y[3:]))
+                                      src=train_steps(src, x[3:], y[3:]), dst=train_steps(dst, x[3:], y[3:]))
     return results
 
 

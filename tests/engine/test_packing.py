@@ -12,20 +12,10 @@ from padnet_ds.engine.setup import build_engine
 from padnet_ds.pad.packed import dense_sources
 from padnet_ds.settings import ConfigError
 from tests.checkpoints import resign
-from tests.distributed.toy import Toy, batches, ds_config
+from tests.distributed.toy import Toy, batches, ds_config, train_steps
 
 ROWS = 4
 
-
-def steps(engine, xs, ys):
-    out = []
-    for xb, yb in zip(xs, ys):
-        pred, aux = engine(xb.to(engine.module.inp.weight.dtype))
-        loss = torch.nn.functional.mse_loss(pred.float(), yb) + 0.01 * aux.float()
-        engine.backward(loss)
-        engine.step()
-        out.append(loss.item())
-    return out
 
 
 def run(configs, switch_at, total):
@@ -43,7 +33,7 @@ def run(configs, switch_at, total):
                                     lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.9 ** s))
 
             engine = build()
-            losses = steps(engine, x[:switch_at], y[:switch_at])
+            losses = train_steps(engine, x[:switch_at], y[:switch_at])
             gone = None
             if packs:
                 dense = {n: p.detach().float().clone() for n, p in model.named_parameters()}
@@ -56,7 +46,7 @@ def run(configs, switch_at, total):
                            for n, p in model.named_parameters() if (s := sources.get(n)) is not None)
                 out["checks"] = dict(gone=gone, kept=kept, packed=model.moe.packed, lr=engine.get_lr(),
                                      step=optim_state.step_count(engine), global_steps=engine.global_steps)
-            losses += steps(engine, x[switch_at:], y[switch_at:])
+            losses += train_steps(engine, x[switch_at:], y[switch_at:])
             out["packed" if packs else "dense"] = losses
             if not packs:
                 out["dense_lr"], out["dense_step"] = engine.get_lr(), optim_state.step_count(engine)
@@ -81,7 +71,7 @@ def write_packed_checkpoint(folder):
     model.moe.pack()
     engine = build_engine(model, ds_config(2, ROWS), optimizer=lambda g: torch.optim.AdamW(g, lr=1e-2))
     x, y = batches(1, ROWS)
-    steps(engine, x, y)
+    train_steps(engine, x, y)
     with write_tag(folder, "step1") as stage:
         engine.save_checkpoint(folder, tag=stage.dir.name, save_latest=False)
 
