@@ -1,11 +1,14 @@
 """Run every benchmark and write ``bench-results.json`` at the repository root (``make bench``).
 
-    python -m bench.run_all [--quick] [--out bench-results.json] [--only moe_step,memory,...]
+    python -m bench.run_all [--quick] [--out bench-results.json] [--only moe_step,memory,...] [--reuse]
 
 Each benchmark runs as its own ``python -m bench.<name>`` subprocess (so one crashing, or one
 holding memory, does not disturb the next) and writes ``bench/results/<name>.json``; this script
 collects the headline numbers. A benchmark that fails or is absent is recorded as null with
 the reason under ``errors``. ``--quick`` passes ``--quick`` (CI-sized runs) to every benchmark.
+``--reuse`` fills in the benchmarks left out of ``--only`` from their last
+``bench/results/<name>.json`` (listed under ``reused``): every ratio is measured side by side within one benchmark's run, so results of separate runs may sit
+together in one summary.
 """
 from __future__ import annotations
 
@@ -67,6 +70,14 @@ def partitioner_overhead(d: Optional[Dict[str, Any]]) -> Optional[float]:
     return None
 
 
+def reuse(raw: Dict[str, Optional[Dict[str, Any]]], results_dir: Path) -> List[str]:
+    """Fill ``raw`` with the last results of the benchmarks not run now; their names."""
+    names = [n for n in BENCHES if n not in raw and (results_dir / f"{n}.json").is_file()]
+    for name in names:
+        raw[name] = json.loads((results_dir / f"{name}.json").read_text())
+    return names
+
+
 def main(argv=None) -> Dict[str, Any]:
     common.setup_env()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +86,7 @@ def main(argv=None) -> Dict[str, Any]:
     ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     ap.add_argument("--only", default=",".join(BENCHES), help="comma list of benchmarks to run")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per benchmark")
+    ap.add_argument("--reuse", action="store_true", help="take benchmarks not in --only from bench/results/")
     args = ap.parse_args(argv)
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +101,7 @@ def main(argv=None) -> Dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - record and go on with the others
             raw[name], errors[name] = None, str(exc)[-3000:]
             print(f"!!! bench.{name} failed: {str(exc)[:500]}", flush=True)
+    reused = reuse(raw, results_dir) if args.reuse else []
     ms, al, mem, gm, sc = (raw.get(n) for n in ("moe_step", "authors_layer", "memory", "gemm", "scaling"))
     summary: Dict[str, Any] = dict(
         step_ratio_vs_deepspeed_moe=number(ms, "step_ratio_vs_deepspeed_moe"),
@@ -131,7 +144,7 @@ def main(argv=None) -> Dict[str, Any]:
             shapes[name] = d["shapes"]
     if raw.get("dyconv"):
         shapes["dyconv"] = raw["dyconv"].get("config")
-    summary.update(shapes=shapes, machine=common.machine(), quick=args.quick,
+    summary.update(shapes=shapes, machine=common.machine(), quick=args.quick, reused=reused,
                    wall_s={n: d.get("_wall_s") for n, d in raw.items() if d}, errors=errors,
                    details={n: str(results_dir / f"{n}.json") for n, d in raw.items() if d})
     Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
