@@ -7,8 +7,8 @@ holding memory, does not disturb the next) and writes ``bench/results/<name>.jso
 collects the headline numbers. A benchmark that fails or is absent is recorded as null with
 the reason under ``errors``. ``--quick`` passes ``--quick`` (CI-sized runs) to every benchmark.
 ``--reuse`` fills in the benchmarks left out of ``--only`` from their last
-``bench/results/<name>.json`` (listed under ``reused``): every ratio is measured side by side within one benchmark's run, so results of separate runs may sit
-together in one summary.
+``bench/results/<name>.json`` (listed under ``reused``): every ratio is measured side by side
+within one benchmark's run, so results of separate runs may sit together in one summary.
 """
 from __future__ import annotations
 
