@@ -5,10 +5,12 @@ ranks: ``moe.ep_size`` is lowered to fit the world when needed.
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..comm import world_size
+from ..comm import rank, world_size
+from ..files import atomic_write_text
 from ..settings import ConfigError
 from .checkpoint_reader import resolve
 from .config import config_from_dict, merge, parse_overrides
@@ -19,7 +21,9 @@ from .tasks import build_task
 from .validate import validate_run
 
 
-def evaluate_run(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+def evaluate_run(path: str, overrides: Sequence[str] = (), predictions: Optional[str] = None) -> Dict[str, Any]:
+    """Metrics of the checkpoint ``path`` names; ``predictions``: also write every eval row's logits
+    there (JSON lines, rank 0: index, label, prediction, logits)."""
     import yaml
 
     run, tag_dir = resolve(path)
@@ -41,5 +45,8 @@ def evaluate_run(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
                                        load_optimizer_states=False, load_lr_scheduler_states=False)
     if loaded is None:
         raise FileNotFoundError(f"could not load {tag_dir}")
-    metrics = evaluate(engine, task, cfg.train.eval_batch_size)
+    rows: Optional[List[Dict[str, Any]]] = [] if predictions else None
+    metrics = evaluate(engine, task, cfg.train.eval_batch_size, rows)
+    if predictions and rank() == 0:
+        atomic_write_text(predictions, "".join(json.dumps(row) + "\n" for row in rows))
     return dict(metrics, checkpoint=str(tag_dir), rows=len(task.eval_set))

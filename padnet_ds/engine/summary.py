@@ -44,6 +44,8 @@ def build_summary(cfg: RunConfig, task: Task, module: nn.Module, partitioner: Pa
         "partition_log": list(partitioner.log),
         "dyconv_param_counts": dyconv,
         "task": task.name,
+        "label_names": list(task.label_names),
+        "is_regression": task.is_regression,
         "world_size": world_size(),
         "config": to_dict(cfg),
         "history": history,
