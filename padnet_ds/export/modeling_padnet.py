@@ -275,7 +275,8 @@ class PADNetForSequenceClassification(PreTrainedModel):
     config_class = PADNetConfig
     base_model_prefix = "padnet"
     main_input_name = "input_ids"
-    _keep_in_fp32_modules_strict = ["gate"]  # routing is discontinuous: a bf16 gate would pick other experts
+    # Routing is discontinuous: a bf16 gate would pick other experts. phi: the lambdas, one scalar per linear.
+    _keep_in_fp32_modules_strict = ["gate", "phi"]
 
     def __init__(self, config: PADNetConfig) -> None:
         super().__init__(config)

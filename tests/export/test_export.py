@@ -250,3 +250,35 @@ def test_a_folder_that_is_not_an_export_is_refused_naming_the_file(tmp_path, cap
         PADNetForSequenceClassification.from_pretrained(bert)
     (tmp_path / "rows.csv").write_text("text\nfine\n")
     assert f"{bert / 'config.json'}" in cli_error(["predict", str(bert), str(tmp_path / "rows.csv")], capsys)
+
+
+def test_bf16_export_and_a_run_whose_summary_predates_label_names(runs, exports, texts, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from padnet_ds.export import PADNetForSequenceClassification
+
+    old = tmp_path / "old"
+    shutil.copytree(runs / "shared", old)
+    summary = json.loads((old / "summary.json").read_text())
+    del summary["label_names"], summary["is_regression"]  # what runs before export wrote
+    (old / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "bf16"
+    assert main(["export", str(old), str(out), "--dtype", "bf16"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}, "labels from the run's data instead"
+    assert config["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        prefix = "model.bert.encoder.layer.0.output.moe."
+        assert f.get_tensor(prefix + "fc1.values.0").dtype == torch.bfloat16
+        assert f.get_tensor(prefix + "gate.weight").dtype == torch.float32  # routing stays fp32
+        assert f.get_tensor(prefix + "fc1.phi").dtype == torch.float32
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (exports["shared"] / "model.safetensors").stat().st_size
+    model = PADNetForSequenceClassification.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    enc = AutoTokenizer.from_pretrained(exports["shared"])(texts["a"], truncation=True, max_length=32, padding=True,
+                                                          return_tensors="pt")
+    with torch.no_grad():
+        got = model(**enc).logits.float()
+    want = eval_logits(runs, "shared")
+    assert (got - want).abs().max() < 0.02 * want.abs().max() + 1e-3  # bf16 rounding, not another model
