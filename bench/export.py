@@ -3,9 +3,11 @@
     python -m bench.export [--quick] [--shapes h256] [--out bench/results/export.json]
 
 One process. Per shape, an upcycled random-init BERT encoder (2 layers, both FFNs PAD-MoE, E=8,
-top-2; hidden / FFN / tokens from ``bench/common.py``) is saved by the DeepSpeed engine at dynamic
-ratio 1.0 (fully dynamic: every mask entry 1), 0.5 and 0.3 (random masks at exactly that share,
-experts perturbed so they differ), each with the same weights, and exported (fp32).
+top-2; hidden / FFN / tokens from ``bench/common.py``; experts perturbed so they differ) is saved
+by the DeepSpeed engine with random masks at exactly 0.5 and 0.3 dynamic, and as the r = 0.5
+model's fully dynamic twin (each expert's weight its effective ``W_eff(e)``, masks all ones, so
+it computes the same function and routes every token the same way: the latency ratio then
+compares implementations, not routings), and exported (fp32).
 
 Sizes are read from the written files: ``expert_bytes`` sums the safetensors entries of the
 experts' storage (mask bits, static values, values, biases; ``card.export_sizes``);
@@ -17,7 +19,8 @@ Latency: the three loaded models (``PADNetForSequenceClassification.from_pretrai
 the same batches of random token ids, interleaved A B C, under ``torch.no_grad``, after warm-up;
 medians. ``export_latency_ratio`` = PAD r=0.5 composed at load / fully dynamic (composed at load;
 the two run the same code on weights of the same shape, so the goal is <= 1.05);
-``export_latency_ratio_forward`` = PAD composed per forward / fully dynamic. Memory: the bytes
+``export_latency_ratio_forward`` = PAD composed per forward / fully dynamic; ``twin_max_logit_diff``
+checks that the three compute the same logits. Memory: the bytes
 each model holds (parameters, buffers, composed weights and per-forward caches, unique storages)
 and the peak resident set a fresh process gains loading the model and forwarding one batch
 (``VmHWM`` after the imports, reset through ``/proc/self/clear_refs``), per variant.
@@ -55,8 +58,22 @@ print(status("VmHWM:") - base)
 """
 
 
+def fully_dynamic_twin(layer) -> None:
+    """Make a PAD layer (lambdas at 1) the fully dynamic MoE computing the same function, in place:
+    ``W_e := M W_e + (1 - M) W_static``, masks all ones."""
+    import torch
+
+    with torch.no_grad():
+        for unit in layer.pad_units():
+            keep = unit.mask.to(unit.static_weight.dtype)
+            for lin in layer.local_expert_linears(unit):
+                lin.weight.copy_(keep * lin.weight + (1 - keep) * unit.static_weight)
+            unit.mask.fill_(True)
+
+
 def save_run(root: Path, shape: Dict[str, int], ratio: float) -> Path:
-    """A run folder whose checkpoint the engine wrote: same weights for every ratio, masks at ``ratio``."""
+    """A run folder whose checkpoint the engine wrote: the same weights and (r < 1) random masks at ``ratio``;
+    r = 1 is the r = 0.5 model's fully dynamic twin (same outputs, so both route every token alike)."""
     import torch
     import yaml
 
@@ -81,8 +98,10 @@ def save_run(root: Path, shape: Dict[str, int], ratio: float) -> Path:
         for unit in layer.pad_units():
             scores = torch.rand(unit.weight_shape, generator=gen).reshape(-1)
             mask = torch.zeros(scores.numel(), dtype=torch.bool)
-            mask[scores.topk(round(ratio * scores.numel())).indices] = True
+            mask[scores.topk(round((0.5 if ratio == 1.0 else ratio) * scores.numel())).indices] = True
             unit.set_mask(mask.view(unit.weight_shape))
+        if ratio == 1.0:
+            fully_dynamic_twin(layer)
     init_distributed()  # one gloo rank: the engine saves as it would in a run
     engine = build_engine(model, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
     engine.save_checkpoint(str(run / "checkpoints"), tag="step1", client_state={"padnet": {"step": 1}})
@@ -150,6 +169,9 @@ def bench_shape(name: str, shape: Dict[str, int], root: Path, warm: int, reps: i
                 model(**batch)
         return run
 
+    with torch.no_grad():  # the twins compute the same function: same routing, same GEMM rows
+        logits = [m(**batch).logits for m in models.values()]
+    out["twin_max_logit_diff"] = max(float((x - logits[0]).abs().max()) for x in logits[1:])
     times = common.interleave({k: forward(m) for k, m in models.items()}, warm, reps)
     med = {k: common.median(v) for k, v in times.items()}
     out.update(export_latency_ratio=med["pad_load"] / med["fully_dynamic"],
@@ -173,7 +195,7 @@ def main(argv=None) -> Dict[str, Any]:
     common.add_shape_args(ap)
     args = ap.parse_args(argv)
     shapes = common.chosen_shapes(args, default="h256,h768s")
-    warm, reps = common.warmup(args, 3, 1), common.reps(args, 15, 3)
+    warm, reps = common.warmup(args, 3, 1), common.reps(args, 25, 3)
     os.chdir(Path(__file__).resolve().parents[1])  # configs/ and ds_configs/ are relative to the repository
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:

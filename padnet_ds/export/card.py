@@ -76,7 +76,11 @@ def model_card(config, summary: Dict[str, Any], sizes: Dict[str, Any], source: s
              f"({'PAD-MoE' if text else 'PAD DY-Conv ResNet'}, exported by padnet-ds)", "",
              f"Exported from `{source}` (step {cfg.get('padnet', {}).get('step')}), "
              f"stored in {cfg.get('padnet', {}).get('dtype')}.", ""]
-    if summary.get("eval"):
+    step = cfg.get("padnet", {}).get("step")
+    if summary.get("eval") and summary.get("steps") not in (None, step):
+        lines += [f"(summary.json's eval metrics are of step {summary['steps']}, not of this checkpoint: "
+                  "`padnet-ds eval` it for its own.)", ""]
+    elif summary.get("eval"):
         lines += ["| eval metric | final | best |", "|---|---|---|"]
         best = summary.get("best_eval") or {}
         lines += [f"| {k} | {v:.4f} | {best.get(k, float('nan')):.4f} |" for k, v in summary["eval"].items()
