@@ -175,7 +175,9 @@ def test_export_layout_and_sizes(runs, exports):
         assert bits.dtype == torch.uint8 and tuple(bits.shape) == (1, math.ceil(out * inp / 8))
         n = f.get_tensor(prefix + "values.0").numel()
         assert n == spec["dynamic"][0] and f.get_tensor(prefix + "static_values").numel() == out * inp - n
-        assert n / (out * inp) == pytest.approx(summary["layers"][prefix[6:-5] + ".pad.fc1"]["dynamic_ratio"])
+        layer = summary["layers"][prefix[6:-5] + ".pad.fc1"]
+        assert n / (out * inp) == pytest.approx(layer["dynamic_ratio"])
+        assert (spec["lambda_d"], spec["lambda_s"]) == pytest.approx((layer["lambda_d"], layer["lambda_s"]), abs=1e-6)
     card = (folder / "README.md").read_text()
     assert f"{summary['eval']['accuracy']:.4f}" in card and "dynamic ratio" in card
     packed = json.loads((exports["shared-packed"] / "config.json").read_text())
@@ -185,7 +187,7 @@ def test_export_layout_and_sizes(runs, exports):
     assert dense["moe"] == {}
 
 
-def test_predict_classifies_a_file_like_eval(runs, exports, texts, tmp_path):
+def test_predict_classifies_a_file_like_eval(runs, exports, texts, tmp_path, capsys):
     src = tmp_path / "rows.csv"
     with open(src, "w", newline="") as f:
         w = csv.writer(f)
@@ -200,6 +202,15 @@ def test_predict_classifies_a_file_like_eval(runs, exports, texts, tmp_path):
     assert [r["label"] for r in rows] == [["negative", "positive"][int(i)] for i in probs.argmax(-1)]
     torch.testing.assert_close(torch.tensor([float(r["score"]) for r in rows]), probs.max(-1).values,
                                rtol=0, atol=1e-5)
+    # JSONL in, JSON lines on stdout, composed at load, another batching: the same rows
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts["a"]))
+    capsys.readouterr()
+    assert main(["predict", str(exports["expert"]), str(src), "--batch-size", "16"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["line"] for r in lines] == list(range(1, EVAL_ROWS + 1))
+    assert [r["label"] for r in lines] == [r["label"] for r in rows]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in lines]), probs.max(-1).values, rtol=0, atol=1e-5)
 
 
 def cli_error(args, capsys) -> str:

@@ -52,7 +52,7 @@ def test_unpack_bits_inverts_numpy_packbits(numel):
 class Holder(nn.Module):
     """A PADMoE at the path ``moe``, as a checkpoint names it."""
 
-    def __init__(self, scope, k):
+    def __init__(self, scope, k, share=0.45):
         super().__init__()
         torch.manual_seed(0)
         fc1, fc2 = nn.Linear(H, F_), nn.Linear(F_, H)
@@ -64,10 +64,10 @@ class Holder(nn.Module):
             for i, unit in enumerate(self.moe.pad_units()):
                 unit.phi.fill_(0.4 - 0.9 * i)  # lambdas away from 1, different per linear
                 if unit.shared_mask:
-                    unit.set_mask(torch.rand(unit.weight_shape, generator=gen) < 0.45)
+                    unit.set_mask(torch.rand(unit.weight_shape, generator=gen) < share)
                 else:
                     for lin in self.moe.local_expert_linears(unit):
-                        lin.set_mask(torch.rand(unit.weight_shape, generator=gen) < 0.45)
+                        lin.set_mask(torch.rand(unit.weight_shape, generator=gen) < share)
 
 
 def exported_block(holder: Holder, k: int, compose: str) -> ExportedMoE:
@@ -104,6 +104,21 @@ def test_exported_moe_block_computes_the_padmoe_layer_in_eval(scope, packed, k):
         for compose in ("load", "forward"):
             got = exported_block(holder, k, compose)(x)
             torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_a_fully_dynamic_moe_exports_without_mask_or_static_values(packed):
+    holder = Holder("shared", 2, share=1.1)  # every mask entry 1: a plain MoE of upcycled experts
+    if packed:
+        holder.moe.pack()
+    holder.eval()
+    block = exported_block(holder, 2, "load")
+    names = {name for name, _ in block.named_parameters()} | {name for name, _ in block.named_buffers()}
+    assert not any("mask_bits" in n or "static_values" in n for n in names), names
+    assert all(len(block.fc1.values[e]) == H * F_ for e in range(E))
+    x = torch.randn(3, 11, H)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), holder.moe(x)[0], rtol=0, atol=2e-6)
 
 
 def test_stored_values_that_do_not_fit_the_mask_are_an_error():
