@@ -23,6 +23,7 @@ from .state import LoopState
 
 TAG_PREFIX = "step"
 CLIENT_KEY = "padnet"  # the loop state's key in DeepSpeed's client state
+FOOTPRINT_KEY = "padnet_footprint"  # layout and sizes (engine/footprint.py), for inspect
 RNG_FILE = "padnet_rng_rank{}.pt"
 
 
@@ -45,15 +46,20 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, partitioner, run_dir: RunDir, state: LoopState, keep: int) -> str:
-    """Collective: every rank writes its files, then rank 0 prunes old tags. Returns the tag."""
+def save(engine, partitioner, run_dir: RunDir, state: LoopState, keep: int,
+         footprint: Optional[Dict[str, Any]] = None) -> str:
+    """Collective: every rank writes its files, then rank 0 prunes old tags. Returns the tag.
+    ``footprint`` (engine/footprint.py) is recorded beside the loop state, for ``inspect``."""
     tag = tag_of(state.step)
     ckpt = run_dir.checkpoints
     # RNG first: DeepSpeed writes `latest` last, so a crash mid-save never points at a partial tag.
     atomic_torch_save(rng_state(), ckpt / tag / RNG_FILE.format(rank()))
     if partitioner is not None:
         partitioner.save(str(ckpt), tag)
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state={CLIENT_KEY: state.state_dict()})
+    client = {CLIENT_KEY: state.state_dict()}
+    if footprint is not None:
+        client[FOOTPRINT_KEY] = footprint
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client)
     barrier()
     if rank() == 0:
         prune(ckpt, keep, protect=tag)

@@ -23,7 +23,7 @@ from typing import Any, Dict, Tuple
 import torch
 import yaml
 
-from .checkpoint import CLIENT_KEY, latest_tag
+from .checkpoint import CLIENT_KEY, FOOTPRINT_KEY, latest_tag
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt")
@@ -41,6 +41,7 @@ class CheckpointState:
     replicated: Dict[str, torch.Tensor]  # every key outside the experts
     experts: ExpertStates = field(default_factory=dict)  # MoE layer -> global expert id -> {name: tensor}
     loop_state: Dict[str, Any] = field(default_factory=dict)  # the trainer's LoopState.state_dict()
+    footprint: Dict[str, Any] = field(default_factory=dict)  # layout and sizes recorded at save (engine/footprint.py)
 
     @property
     def tag(self) -> str:
@@ -82,4 +83,5 @@ def read_checkpoint(path: str) -> CheckpointState:
     config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
     states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
     return CheckpointState(run=run, tag_dir=tag_dir, config=config, replicated=dict(states["module"]),
-                           experts=read_experts(tag_dir), loop_state=dict(states.get(CLIENT_KEY) or {}))
+                           experts=read_experts(tag_dir), loop_state=dict(states.get(CLIENT_KEY) or {}),
+                           footprint=dict(states.get(FOOTPRINT_KEY) or {}))
