@@ -77,9 +77,12 @@ def save_run(root: Path, shape: Dict[str, int], ratio: float) -> Path:
     import torch
     import yaml
 
+    from padnet_ds.engine.checkpoint import save
     from padnet_ds.engine.config import load_config, to_dict
     from padnet_ds.engine.distributed import init_distributed
+    from padnet_ds.engine.run_dir import RunDir
     from padnet_ds.engine.setup import build_engine
+    from padnet_ds.engine.state import LoopState
     from padnet_ds.models.encoder import build_classifier
     from padnet_ds.moe.layer import pad_moe_layers
     from padnet_ds.moe.upcycle import perturb_experts
@@ -104,7 +107,7 @@ def save_run(root: Path, shape: Dict[str, int], ratio: float) -> Path:
             fully_dynamic_twin(layer)
     init_distributed()  # one gloo rank: the engine saves as it would in a run
     engine = build_engine(model, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
-    engine.save_checkpoint(str(run / "checkpoints"), tag="step1", client_state={"padnet": {"step": 1}})
+    save(engine, None, RunDir(str(run)), LoopState(step=1), keep=0)  # the trainer's own save
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (run / "summary.json").write_text(json.dumps({"label_names": ["negative", "positive"], "is_regression": False}))
     return run

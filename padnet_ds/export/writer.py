@@ -27,6 +27,7 @@ import yaml
 
 from ..engine.checkpoint_reader import read_checkpoint, resolve
 from ..engine.config import RunConfig, config_from_dict
+from ..engine.packing import check_packed_checkpoint
 from ..settings import ConfigError
 from .card import export_sizes, model_card
 
@@ -45,6 +46,7 @@ def export_run(source: str, out_dir: str, dtype: str = "fp32", overwrite: bool =
     check_destination(out, overwrite, run)
     cfg = run_config(run)
     ckpt = read_checkpoint(str(tag_dir))
+    check_packed_checkpoint(ckpt)  # packed values that do not fit their positions: refused before anything is written
     summary = read_summary(run)
     labels, is_regression = task_labels(summary, cfg)
     padnet = {"run": str(run.resolve()), "checkpoint": tag_dir.name, "step": ckpt.loop_state.get("step"),

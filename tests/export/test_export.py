@@ -29,36 +29,37 @@ COMMON = ["model.random_init={hidden_size: 32, num_hidden_layers: 2, num_attenti
           "train.steps=12", "train.micro_batch_size=8", "train.eval_every=0", "train.checkpoint_every=0",
           "train.log_every=6", "train.eval_batch_size=16", "data.source=glue", "data.task=SST-2",
           "data.max_train_examples=256", f"data.max_eval_examples={EVAL_ROWS}"]
-RUNS = {"shared": ["moe.mask_scope=shared"], "expert": ["moe.mask_scope=expert"],
-        "dense": ["model.dense=true", "partition.ratio=1.0"]}
-PACKED = ("shared", "expert")
-EVAL_READS_PACKED = False  # TODO(issue 14 phase B): `padnet-ds eval` of a packed checkpoint
+RUNS = {"shared": ["moe.mask_scope=shared", "partition.pack=false"],
+        "expert": ["moe.mask_scope=expert", "partition.pack=false"],
+        "dense": ["model.dense=true", "partition.ratio=1.0"],
+        # the training run's own switch to packed storage after its last partition step (step 8 of 12)
+        "packed-run": ["moe.mask_scope=shared", "partition.pack=true"]}
+PACKED = ("shared", "expert")  # also saved again by a packed model: exported byte for byte alike
 
 
 def pack_checkpoint(src: str, dst: str) -> None:
     """``src``'s latest checkpoint saved again by a packed model on the same ranks (the engine's own save)."""
     from padnet_ds.comm import barrier, rank
+    from padnet_ds.engine.checkpoint import save
     from padnet_ds.engine.checkpoint_reader import read_checkpoint
     from padnet_ds.engine.config import config_from_dict
+    from padnet_ds.engine.packing import local_state
+    from padnet_ds.engine.run_dir import RunDir
     from padnet_ds.engine.setup import build_engine, load_ds_config
+    from padnet_ds.engine.state import LoopState
     from padnet_ds.engine.tasks import build_task
-    from padnet_ds.moe.layer import pad_moe_layers
-    from padnet_ds.moe.upcycle import global_expert_ids
     from padnet_ds.pad.packed import pack_model
 
     ckpt = read_checkpoint(src)
     cfg = config_from_dict(dict(ckpt.config, output_dir=dst))
     model = build_task(cfg).model
-    state = dict(ckpt.replicated)
-    for name, layer in pad_moe_layers(model).items():
-        for i, gid in enumerate(global_expert_ids(layer)):
-            prefix = f"{name}.deepspeed_moe.experts.deepspeed_experts.{i}."
-            state.update({prefix + k: t for k, t in ckpt.experts[name][gid].items()})
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(local_state(model, ckpt), strict=True)
     assert pack_model(model)
     ds = {k: v for k, v in load_ds_config(cfg).items() if k not in ("optimizer", "scheduler")}
     engine = build_engine(model, dict(ds, zero_optimization={"stage": 0}))
-    engine.save_checkpoint(f"{dst}/checkpoints", tag=ckpt.tag, client_state={"padnet": ckpt.loop_state})
+    state = LoopState()
+    state.load_state_dict(ckpt.loop_state)
+    assert save(engine, None, RunDir(dst), state, keep=0) == ckpt.tag
     if rank() == 0:
         (Path(dst) / "config.yaml").write_text(yaml.safe_dump(dict(ckpt.config, output_dir=dst), sort_keys=False))
         shutil.copyfile(Path(src) / "summary.json", Path(dst) / "summary.json")
@@ -75,7 +76,7 @@ def make_runs(root: str, glue_dir: str) -> None:
                                                  *COMMON, *extra]))
     for name in PACKED:
         pack_checkpoint(f"{root}/{name}", f"{root}/{name}-packed")
-    for name in names() if EVAL_READS_PACKED else RUNS:
+    for name in names():
         assert main(["eval", f"{root}/{name}", "--predictions", f"{root}/{name}.predictions.jsonl"]) == 0
 
 
@@ -84,10 +85,7 @@ def names():
 
 
 def eval_logits(root: Path, name: str) -> torch.Tensor:
-    # Until `padnet-ds eval` reads packed checkpoints, a packed copy is compared with the eval of the
-    # checkpoint it was packed from (the same weights; packed composition is bit-identical).
-    source = name if EVAL_READS_PACKED else name.removesuffix("-packed")
-    rows = [json.loads(line) for line in (root / f"{source}.predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (root / f"{name}.predictions.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(EVAL_ROWS))
     return torch.tensor([r["logits"] for r in rows])
 
@@ -180,6 +178,14 @@ def test_export_layout_and_sizes(runs, exports):
         assert (spec["lambda_d"], spec["lambda_s"]) == pytest.approx((layer["lambda_d"], layer["lambda_s"]), abs=1e-6)
     card = (folder / "README.md").read_text()
     assert f"{summary['eval']['accuracy']:.4f}" in card and "dynamic ratio" in card
+    from padnet_ds.engine.checkpoint_reader import read_checkpoint
+    from padnet_ds.engine.packing import is_packed_state
+
+    for name in names():  # which checkpoints are packed: the comparison above covers both layouts
+        ckpt = read_checkpoint(str(runs / name))
+        keys = [*ckpt.replicated, *ckpt.expert_state_dict()]
+        assert is_packed_state(keys) == (name.endswith("packed") or name == "packed-run"), name
+    assert json.loads((runs / "packed-run" / "summary.json").read_text())["packed"] is True
     packed = json.loads((exports["shared-packed"] / "config.json").read_text())
     assert packed["moe"] == config["moe"], "a packed and an unpacked checkpoint export alike"
     assert (exports["shared-packed"] / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()

@@ -32,9 +32,12 @@ print(json.dumps(out))
 def save_runs(root: str) -> dict:
     """One engine-saved checkpoint per variant, with trained-looking state: random masks, lambdas,
     BatchNorm statistics and a temperature that is not the start value; returns eval-mode logits."""
+    from padnet_ds.engine.checkpoint import save
     from padnet_ds.engine.config import load_config, to_dict
     from padnet_ds.engine.image_task import vision_config
+    from padnet_ds.engine.run_dir import RunDir
     from padnet_ds.engine.setup import build_engine
+    from padnet_ds.engine.state import LoopState
     from padnet_ds.models.image import ImageClassifier
     from padnet_ds.models.resnet import build_resnet, dyconv_layers
 
@@ -66,7 +69,7 @@ def save_runs(root: str) -> dict:
 
             assert pack_model(model)
         engine = build_engine(model, {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0}})
-        engine.save_checkpoint(f"{root}/{name}/checkpoints", tag="step1", client_state={"padnet": {"step": 1}})
+        save(engine, None, RunDir(f"{root}/{name}"), LoopState(step=1), keep=0)  # the trainer's own save
         Path(f"{root}/{name}/config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         Path(f"{root}/{name}/summary.json").write_text(json.dumps({"label_names": CLASSES, "eval": {"accuracy": 0.5}}))
         model.eval()
