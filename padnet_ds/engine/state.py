@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Union
 
 from torch import Tensor
 
+from ..errors import CheckpointError
+
 Number = Union[Tensor, float, int]
 
 
@@ -29,7 +31,7 @@ class LoopState:
         names = [f.name for f in dataclasses.fields(self)]
         missing = [n for n in names if n not in state]
         if missing:
-            raise ValueError(f"checkpoint loop state lacks {missing}: it was not written by padnet-ds train")
+            raise CheckpointError(f"checkpoint loop state lacks {missing}: it was not written by padnet-ds train")
         for name in names:  # other keys (e.g. "tag", which older versions stored) are ignored
             setattr(self, name, copy.deepcopy(state[name]))
 

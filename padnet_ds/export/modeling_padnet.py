@@ -53,7 +53,13 @@ from .configuration_padnet import PADNetConfig
 EXPORT_MODEL_TYPE = "padnet_moe"
 
 
-class NotAnExportError(ValueError):
+try:  # with padnet-ds installed it is one of its input errors (the CLI exits 2); remote code may lack it
+    from padnet_ds.errors import CheckpointError as _BadFolder
+except ImportError:
+    _BadFolder = ValueError
+
+
+class NotAnExportError(_BadFolder):
     """A folder given to ``from_pretrained`` that is not (or not all of) a padnet-ds export."""
 
 

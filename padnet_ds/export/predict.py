@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..data.text_files import FORMATS, read_rows
+from ..errors import DataError
 from ..files import atomic_write_text
 from ..settings import ConfigError
 
@@ -58,8 +59,8 @@ def predict_file(export_dir: str, input_path: str, output: Optional[str] = None,
         raise ConfigError(f"--text-columns {','.join(columns)}: give one column, or two for sentence pairs")
     try:
         rows = read_rows(input_path, columns, None)
-    except ValueError as err:  # the file's own problem, named with its line: no traceback
-        raise ConfigError(f"{err} (predict --text-columns names the columns)") from None
+    except DataError as err:  # the file's own problem, named with its line
+        raise DataError(f"{err} (predict --text-columns names the columns)") from None
     texts_b = rows.texts[1] if len(columns) > 1 else None
     enc = tokenizer(rows.texts[0], texts_b, truncation=True, max_length=config.padnet.get("max_length") or 512)
     order = sorted(range(len(rows.lines)), key=lambda i: len(enc["input_ids"][i]))

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..moe.expert import unit_key
 from ..pad.compose import lambda_pair
 from ..pad.packed import check_packed, gather_at, mask_of, positions_of
-from ..settings import ConfigError
+from ..errors import CheckpointError
 from .modeling_padnet import unpack_bits
 
 GATE_KEY = ".deepspeed_moe.gate.wg.weight"  # one per MoE layer, in the replicated state
@@ -118,7 +118,7 @@ def expert_states(tag_dir: Path, experts: Dict[int, Dict[str, Tensor]], index: i
     for e in range(num_experts):
         if e not in experts:
             file = tag_dir / EXPERT_FILE.format(layer=index, expert=e)
-            raise FileNotFoundError(f"checkpoint {tag_dir} has no state for expert {e} of MoE layer {layer}: {file} "
+            raise CheckpointError(f"checkpoint {tag_dir} has no state for expert {e} of MoE layer {layer}: {file} "
                                     "is missing (an incomplete copy of the checkpoint?); nothing was written")
     return [experts[e] for e in range(num_experts)]
 
@@ -155,7 +155,7 @@ def _linear_shape(replicated, unit, dense_static, packed_static, factors, bias, 
     if f"{unit}.dense_shape" in replicated:  # packed units that record their shape
         return torch.Size(replicated[f"{unit}.dense_shape"].tolist())
     if bias is None:
-        raise ConfigError(f"{what}: a packed linear without bias does not record its weight shape; export it from "
+        raise CheckpointError(f"{what}: a packed linear without bias does not record its weight shape; export it from "
                           "the unpacked checkpoint")
     numel = replicated[f"{unit}.positions"].numel() + packed_static.numel()
     return torch.Size([bias.shape[1], numel // bias.shape[1]])

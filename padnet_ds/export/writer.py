@@ -7,9 +7,11 @@ one file per global expert, so any world size and ``ep_size``), converted (``tex
     config.json, model.safetensors, README.md (model card)
     + text: the tokenizer's files, configuration_padnet.py and modeling_padnet.py (remote code)
 
-into a temporary sibling folder that is renamed into place only once complete: an existing
-OUT_DIR that holds files is refused unless ``overwrite``, and even then it is left as it was
-until the new export is whole.
+through the commit protocol checkpoints use (``commit.write_tag``, one process): into
+``<OUT_DIR>.partial``, then ``padnet_manifest.json`` (every file's size and sha256), then a rename
+to OUT_DIR, so a crash never leaves a half export that looks complete. An existing OUT_DIR that
+holds files is refused unless ``overwrite``, and even then it is left as it was until the new
+export is whole.
 """
 from __future__ import annotations
 
@@ -17,17 +19,18 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
-import yaml
 
-from ..engine.checkpoint_reader import read_checkpoint, resolve
+from ..commit import PARTIAL, write_tag
+from ..engine.checkpoint_reader import locate, read_checkpoint
 from ..engine.config import RunConfig, config_from_dict
 from ..engine.packing import check_packed_checkpoint
+from ..engine.run_dir import RunDir
+from ..files import read_text
 from ..settings import ConfigError
 from .card import export_sizes, model_card
 
@@ -42,10 +45,11 @@ def export_run(source: str, out_dir: str, dtype: str = "fp32", overwrite: bool =
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out_dir)
-    run, tag_dir = resolve(source)
+    run = locate(source)[0]
     check_destination(out, overwrite, run)
     cfg = run_config(run)
-    ckpt = read_checkpoint(str(tag_dir))
+    ckpt = read_checkpoint(source)  # the tag verified against its manifest, every file loaded weights-only
+    tag_dir = ckpt.tag_dir
     check_packed_checkpoint(ckpt)  # packed values that do not fit their positions: refused before anything is written
     summary = read_summary(run)
     labels, is_regression = task_labels(summary, cfg)
@@ -66,7 +70,7 @@ def export_run(source: str, out_dir: str, dtype: str = "fp32", overwrite: bool =
         raise ConfigError(f"{run}/config.yaml: task {cfg.task!r} has no export (text and image do)")
     tensors = cast(tensors, DTYPES[dtype])
     config.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    with staged_folder(out, overwrite) as stage:
+    with staged_folder(out, overwrite, meta={"checkpoint": str(tag_dir), "dtype": dtype}) as stage:
         write_folder(stage, config, tensors, extra, cfg)
         sizes = export_sizes(stage)
         (stage / "README.md").write_text(model_card(config, summary, sizes, source=str(tag_dir)))
@@ -75,16 +79,22 @@ def export_run(source: str, out_dir: str, dtype: str = "fp32", overwrite: bool =
 
 
 def run_config(run: Path) -> RunConfig:
-    path = run / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: padnet-ds export needs the run folder padnet-ds train wrote (its "
-                          "config.yaml names the encoder, the MoE settings and the tokenizer)")
-    return config_from_dict(yaml.safe_load(path.read_text()) or {})
+    folder = RunDir(str(run))
+    if not folder.config_file.is_file():
+        raise ConfigError(f"{folder.config_file} does not exist: padnet-ds export needs the run folder padnet-ds train "
+                          "wrote (its config.yaml names the encoder, the MoE settings and the tokenizer)")
+    return config_from_dict(folder.saved_config())
 
 
 def read_summary(run: Path) -> Dict[str, Any]:
-    path = run / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = RunDir(str(run)).summary_file
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(read_text(path))
+    except ValueError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}): restore it, or remove it to export without its "
+                          "eval metrics") from None
 
 
 def task_labels(summary: Dict[str, Any], cfg: RunConfig) -> Tuple[Tuple[str, ...], bool]:
@@ -140,34 +150,25 @@ def check_destination(out: Path, overwrite: bool, run: Optional[Path] = None) ->
 
 
 @contextmanager
-def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of ``out`` to write into, renamed to ``out`` when the block completes."""
+def staged_folder(out: Path, overwrite: bool, meta: Dict[str, Any]) -> Iterator[Path]:
+    """A folder to write ``out`` into, committed as a checkpoint tag is (``commit.write_tag``, one
+    process): the files go to ``<out>.partial``, a manifest lists their sizes and sha256, and the
+    folder is renamed to ``out`` only once complete (an existing ``out`` moved aside first). A
+    failure removes the partial folder and leaves ``out`` as it was."""
     check_destination(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
-        yield stage
-        share(stage)
-        publish(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with write_tag(out.parent, out.name, collective=False, latest=False, meta=meta) as stage:
+            yield stage.dir
+    except BaseException:
+        shutil.rmtree(out.parent / f"{out.name}{PARTIAL}", ignore_errors=True)
+        raise
+    share(out)
 
 
 def share(folder: Path) -> None:
-    """The permissions a plain mkdir / open would give (mkdtemp and some writers make them private)."""
+    """The permissions a plain mkdir / open would give (the manifest is written through a private temp file)."""
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
     for path in folder.iterdir():
         path.chmod(0o666 & ~umask)
-
-
-def publish(stage: Path, out: Path) -> None:
-    """Rename ``stage`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    if not out.exists():
-        os.replace(stage, out)
-        return
-    aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced-"))
-    os.replace(out, aside / out.name)
-    os.replace(stage, out)
-    shutil.rmtree(aside, ignore_errors=True)

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..comm import max_over_ranks, min_over_ranks, rank, world_size as world
-from ..files import atomic_torch_save
+from ..errors import CheckpointError
+from ..files import atomic_torch_save, safe_load
 from .config import PartitionConfig
 from .schedule import scores_upcoming, step_due, target_ratio
 from .scores import ScoreBook, loss_scale_fn, magnitudes, random_scores
@@ -251,10 +252,10 @@ class Partitioner:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state["world"] != world():
-            raise ValueError(f"partitioner state was saved with {state['world']} ranks, this run has {world()}: "
+            raise CheckpointError(f"partitioner state was saved with {state['world']} ranks, this run has {world()}: "
                              "accumulated scores are per rank, so resume with the same number of ranks")
         if state["layout"] != self._layout():
-            raise ValueError("partitioner state does not match this model's PAD masks (saved "
+            raise CheckpointError("partitioner state does not match this model's PAD masks (saved "
                              f"{[x[0] for x in state['layout']]}): resume with the same model and ep_size")
         self.step, self.ratio = int(state["step"]), float(state["ratio"])
         self.book.load_state_dict(state["scores"])
@@ -274,9 +275,12 @@ class Partitioner:
                 tag = f.read().strip()
         path = os.path.join(checkpoint_dir, str(tag), STATE_FILE.format(rank()))
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: checkpoint {tag} was saved without partitioner.save "
-                                    "(or with fewer ranks)")
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+            raise CheckpointError(f"{path} not found: checkpoint {tag} was saved without partitioner.save "
+                                  "(or with fewer ranks)")
+        try:
+            self.load_state_dict(safe_load(path))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint file {path} does not hold a partitioner state ({err!r})") from None
 
 
 class _BareEngine:

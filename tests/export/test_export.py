@@ -176,6 +176,10 @@ def test_export_layout_and_sizes(runs, exports):
         layer = summary["layers"][prefix[6:-5] + ".pad.fc1"]
         assert n / (out * inp) == pytest.approx(layer["dynamic_ratio"])
         assert (spec["lambda_d"], spec["lambda_s"]) == pytest.approx((layer["lambda_d"], layer["lambda_s"]), abs=1e-6)
+    from padnet_ds.commit import verify_tag
+
+    manifest = verify_tag(folder)  # committed as checkpoints are: every file listed with its size and sha256
+    assert set(manifest["files"]) == {p.name for p in folder.iterdir()} - {"padnet_manifest.json"}
     card = (folder / "README.md").read_text()
     assert f"{summary['eval']['accuracy']:.4f}" in card and "dynamic ratio" in card
     from padnet_ds.engine.checkpoint_reader import read_checkpoint
@@ -254,10 +258,32 @@ def test_bad_input_is_a_clear_error_and_nothing_existing_is_touched(runs, export
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
 
+def test_an_export_that_fails_midway_leaves_no_folder_and_keeps_the_old_one(runs, tmp_path, monkeypatch):
+    from padnet_ds.export import writer
+
+    def crash(folder):  # every file is written by now: the failure comes before the commit
+        assert (folder / "model.safetensors").is_file()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer, "export_sizes", crash)
+    out = tmp_path / "new"
+    with pytest.raises(OSError, match="disk full"):
+        writer.export_run(str(runs / "dense"), str(out))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    with pytest.raises(OSError, match="disk full"):
+        writer.export_run(str(runs / "dense"), str(old), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"], "no partial or half-written folder is left"
+    assert [p.name for p in old.iterdir()] == ["config.json"] and (old / "config.json").read_text() == "{}"
+
+
 def test_a_folder_that_is_not_an_export_is_refused_naming_the_file(tmp_path, capsys):
+    from padnet_ds.errors import CheckpointError
     from padnet_ds.export import NotAnExportError, PADNetForSequenceClassification
     from padnet_ds.models.pretrained import minilm_path
 
+    assert issubclass(NotAnExportError, CheckpointError)  # an input error: the CLI exits 2
     with pytest.raises(NotAnExportError, match=f"{tmp_path / 'config.json'} does not exist"):
         PADNetForSequenceClassification.from_pretrained(tmp_path)
     bert = minilm_path()
