@@ -24,9 +24,11 @@ from typing import Any, Dict, List, Optional
 from . import common
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("moe_step", "authors_layer", "memory", "gemm", "scaling", "partitioner", "dyconv", "imp_recovery")
+BENCHES = ("moe_step", "authors_layer", "memory", "gemm", "scaling", "partitioner", "dyconv", "imp_recovery", "export")
 IMP_RECOVERY_KEYS = ("imp_recovery_precision", "imp_recovery_precision_random", "imp_recovery_precision_magnitude",
                      "imp_recovery_loss_ratio", "imp_recovery_loss_ratio_random", "imp_recovery_loss_ratio_magnitude")
+EXPORT_KEYS = ("export_bytes_ratio_r05", "export_bytes_ratio_r03", "export_folder_bytes_ratio_r05",
+               "export_folder_bytes_ratio_r03", "export_latency_ratio", "export_latency_ratio_forward")
 
 
 def _args(name: str, quick: bool) -> List[str]:
@@ -130,7 +132,11 @@ def main(argv=None) -> Dict[str, Any]:
         weak_scaling=number(sc, "weak_scaling"),
         dyconv_ratio=number(raw.get("dyconv"), "ratio_vs_plain", "pad"),
         **{key: number(raw.get("imp_recovery"), key) for key in IMP_RECOVERY_KEYS},
+        **{key: number(raw.get("export"), key) for key in EXPORT_KEYS},
     )
+    if raw.get("export"):  # memory of the exported models (held tensors, peak RSS gain) per variant
+        summary["export_memory"] = {s: {k: r[k] for k in ("held_bytes", "peak_rss_gain_mb")}
+                                    for s, r in raw["export"]["results"].items()}
     if raw.get("imp_recovery"):  # the spread over seeds beside the means
         summary["imp_recovery_seeds"] = {f"{what}_{m}": {k: v for k, v in d.items() if k != "std"}
                                          for what in ("precision", "loss_ratio")

@@ -1,4 +1,5 @@
-"""``padnet-ds train | eval | study | inspect``: argument parsing only; the work is in ``engine/``.
+"""``padnet-ds train | eval | study | inspect | export | predict``: argument parsing only; the work is in
+``engine/`` and ``export/``.
 
 Run under any launcher (``deepspeed``, ``torchrun``, ``mpirun``) or as one process. The
 ``deepspeed`` launcher appends ``--local_rank=N``; it is accepted and ignored (the rank
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate the newest intact checkpoint of a run")
     e.add_argument("checkpoint", help="run folder (output_dir), its checkpoints/ folder, or one tag folder")
     e.add_argument("overrides", nargs="*", help="data.* overrides to evaluate on other data, e.g. data.task=mrpc")
+    e.add_argument("--predictions", metavar="FILE", help="also write each eval row's logits to FILE (JSON lines)")
     s = sub.add_parser("study", help="dense vs fully dynamic MoE vs PAD at several ratios (+ random ablation)")
     s.add_argument("config", help="base run config, e.g. configs/study.yaml")
     s.add_argument("overrides", nargs="*", help="tasks=sst2,mrpc ratios=1.0,0.5,0.3 seeds=1,2 out=DIR "
@@ -42,6 +44,23 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a checkpoint: layers, experts, dynamic ratios, parameter counts")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    x = sub.add_parser("export", help="write a checkpoint as a folder that loads without DeepSpeed "
+                       "(transformers from_pretrained, pipeline, padnet-ds predict)")
+    x.add_argument("checkpoint", help="run folder (its latest checkpoint), its checkpoints/ folder, or a tag folder")
+    x.add_argument("out_dir", help="the export folder (written whole, then renamed into place)")
+    x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights' dtype (default fp32; "
+                   "the gate and the lambdas stay fp32)")
+    x.add_argument("--overwrite", action="store_true", help="replace an out_dir that already holds files")
+    r = sub.add_parser("predict", help="classify the rows of a CSV/TSV/JSONL file with an export")
+    r.add_argument("export", help="an export folder (padnet-ds export)")
+    r.add_argument("input", help="a .csv, .tsv or .jsonl file with the text column(s)")
+    r.add_argument("--output", help="write .csv/.tsv/.jsonl (by extension) instead of JSON lines on stdout")
+    r.add_argument("--text-columns", help="comma-separated: one column, or two for sentence pairs (default: the "
+                   "run's data.text_columns for file data, else 'text')")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--compose", choices=("load", "forward"), help="compose expert weights once at load (default) "
+                   "or per forward (less memory)")
+    r.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     return p
 
 
@@ -58,6 +77,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _eval(args)
         if args.command == "study":
             return _study(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "predict":
+            return _predict(args)
         return _inspect(args)
     except (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         return _fail(f"error: {err}", 2)
@@ -117,7 +140,7 @@ def _eval(args) -> int:
     from .comm import rank
     from .engine.eval_checkpoint import evaluate_run
 
-    metrics = evaluate_run(args.checkpoint, args.overrides)
+    metrics = evaluate_run(args.checkpoint, args.overrides, args.predictions)
     if rank() == 0:
         print(json.dumps(metrics, indent=2))
     return 0
@@ -138,6 +161,28 @@ def _inspect(args) -> int:
 
     info = inspect_checkpoint(args.checkpoint)
     print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+def _export(args) -> int:
+    from .export.writer import export_run
+
+    sizes = export_run(args.checkpoint, args.out_dir, args.dtype, args.overwrite)
+    ratio = sizes["expert_bytes_ratio"]
+    print(f"exported {sizes['checkpoint']} to {sizes['out_dir']}: {sizes['folder_bytes'] / 2 ** 20:.2f} MiB"
+          + (f", expert storage {ratio:.3f} of a fully dynamic model's" if ratio else ""))
+    return 0
+
+
+def _predict(args) -> int:
+    from .export.predict import predict_file, render
+
+    columns = [c.strip() for c in args.text_columns.split(",")] if args.text_columns else None
+    rows = predict_file(args.export, args.input, args.output, columns, args.batch_size, args.compose, args.device)
+    if args.output is None:
+        sys.stdout.write(render(rows, "jsonl"))
+    else:
+        print(f"{len(rows)} predictions: {args.output}", file=sys.stderr)
     return 0
 
 

@@ -63,12 +63,13 @@ def load(cfg: TextDataConfig) -> tuple[TaskSpec, TextSplit, TextSplit]:
 
 
 def read_rows(path: str, text_columns, label_column) -> Rows:
+    """One file's rows; ``label_column=None`` reads the text columns only (inputs to predict)."""
     fmt = FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise DataError(f"{path!r}: unknown file type; use one of {', '.join(FORMATS)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text data file {path!r} does not exist")
-    wanted = [*text_columns, label_column]
+    wanted = [*text_columns] + ([] if label_column is None else [label_column])
     texts, labels, lines = [[] for _ in text_columns], [], []
     with io.StringIO(read_text(path), newline="") as f:
         if fmt == "jsonl":
@@ -85,9 +86,10 @@ def read_rows(path: str, text_columns, label_column) -> Rows:
                 raise DataError(f"{path}, line {line}: too few fields for columns {wanted}")
             for out, c in zip(texts, text_columns):
                 out.append(str(rec[c]))
-            labels.append(rec[label_column])
+            if label_column is not None:
+                labels.append(rec[label_column])
             lines.append(line)
-    if not labels:
+    if not lines:
         raise DataError(f"{path}: no rows")
     return Rows(path, texts, labels, lines)
 

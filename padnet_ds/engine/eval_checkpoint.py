@@ -7,11 +7,14 @@ skipped, with a warning); DeepSpeed loads the files with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
+from ..comm import rank
 from ..commit import choose_tag
+from ..files import atomic_write_text
 from ..settings import ConfigError
 from .checkpoint_reader import locate, read_checkpoint
 from .config import config_from_dict, merge, parse_overrides
@@ -26,7 +29,9 @@ from .validate import validate_run
 log = logging.getLogger("padnet_ds")
 
 
-def evaluate_run(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+def evaluate_run(path: str, overrides: Sequence[str] = (), predictions: Optional[str] = None) -> Dict[str, Any]:
+    """Metrics of the checkpoint ``path`` names; ``predictions``: also write every eval row's logits
+    there (JSON lines, rank 0: index, label, prediction, logits)."""
     run, folder, named = locate(path)
     saved = RunDir(str(run)).saved_config()
     if not saved:
@@ -56,5 +61,8 @@ def evaluate_run(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
                                        load_optimizer_states=False, load_lr_scheduler_states=False)
     if loaded is None:
         raise FileNotFoundError(f"could not load {tag_dir}")
-    metrics = evaluate(engine, task, cfg.train.eval_batch_size)
+    rows: Optional[List[Dict[str, Any]]] = [] if predictions else None
+    metrics = evaluate(engine, task, cfg.train.eval_batch_size, rows)
+    if predictions and rank() == 0:
+        atomic_write_text(predictions, "".join(json.dumps(row) + "\n" for row in rows))
     return dict(metrics, checkpoint=str(tag_dir), rows=len(task.eval_set))

@@ -3,7 +3,7 @@ every other rank get the same metrics."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,21 +34,29 @@ def eval_loader(task: Task, batch_size: int) -> DataLoader:
 
 
 @torch.no_grad()
-def evaluate(engine, task: Task, batch_size: int) -> Dict[str, float]:
-    """Collective: per batch the task's align and the model's all-to-alls, then one all-gather of predictions."""
+def evaluate(engine, task: Task, batch_size: int, rows: Optional[List[Dict[str, Any]]] = None) -> Dict[str, float]:
+    """Collective: per batch the task's align and the model's all-to-alls, then one all-gather of predictions.
+
+    ``rows``, when given, receives one entry per eval row in order (every rank alike): its index,
+    label, prediction and fp32 logits (``padnet-ds eval --predictions``).
+    """
     engine.eval()
     preds: List[Any] = []
     for batch in eval_loader(task, batch_size):
         index, counted = batch.pop("_index"), batch.pop("_counted")
         batch = task.prepare(batch, engine.device)
-        p = task.predict(engine, batch).cpu()
+        logits = task.logits(engine, batch).float().cpu()
+        p = task.prediction(logits)
         labels = batch["labels"].cpu()
-        preds += [(int(i), pv.item(), lv.item()) for i, pv, lv, c in zip(index, p, labels, counted) if c]
+        preds += [(int(i), pv.item(), lv.item(), lg.tolist() if rows is not None else None)
+                  for i, pv, lv, lg, c in zip(index, p, labels, logits, counted) if c]
     gathered: List[Any] = [None] * world_size()
     if dist_on():
         dist.all_gather_object(gathered, preds)
     else:
         gathered = [preds]
-    rows = sorted({i: (p, label) for part in gathered for i, p, label in part}.items())
+    ordered = sorted({i: (p, label, lg) for part in gathered for i, p, label, lg in part}.items())
     engine.train()
-    return task.metrics([p for _, (p, _) in rows], [label for _, (_, label) in rows])
+    if rows is not None:
+        rows += [{"index": i, "label": label, "prediction": p, "logits": lg} for i, (p, label, lg) in ordered]
+    return task.metrics([p for _, (p, _, _) in ordered], [label for _, (_, label, _) in ordered])

@@ -165,7 +165,8 @@ def image_task(cfg: RunConfig) -> Task:
     spec = TaskSpec(f"image/{v.dataset}", data.num_classes, False, ("accuracy",), "accuracy", tuple(data.classes))
     return Task(name=spec.name, model=build_model(v, data), train_set=data.train, eval_set=data.test,
                 collate=collate_images, metrics=partial(compute_metrics, spec),
-                main_metric="accuracy", throughput_unit="images", before_step=temperature_hook(v))
+                main_metric="accuracy", label_names=spec.label_names, throughput_unit="images",
+                before_step=temperature_hook(v))
 
 
 register_task("image", image_task, check=vision_config, sections=("vision",))

@@ -47,6 +47,8 @@ def build_summary(cfg: RunConfig, task: Task, module: nn.Module, partitioner: Pa
         "dyconv_param_counts": dyconv,
         **footprint,
         "task": task.name,
+        "label_names": list(task.label_names),
+        "is_regression": task.is_regression,
         "world_size": world_size(),
         "config": to_dict(cfg),
         "history": history,

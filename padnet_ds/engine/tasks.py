@@ -36,6 +36,7 @@ class Task:
     metrics: Callable[[Sequence, Sequence], Dict[str, float]]  # (predictions, labels) -> {name: value}
     main_metric: str  # picks the best eval
     is_regression: bool = False
+    label_names: Tuple[str, ...] = ()  # index = label id (summary.json, export's id2label); () for regression
     throughput_unit: str = "tokens"  # TensorBoard's perf/<unit>_per_s
     # Every rank calls it on every batch, in the same order, before the model sees the batch; it may
     # run a collective (text: pad the sequence dimension to the longest row across ranks).
@@ -54,11 +55,18 @@ class Task:
         out = engine(**batch)
         return out.loss if hasattr(out, "loss") else out[0]
 
-    def predict(self, engine, batch: Batch) -> Tensor:
+    def logits(self, engine, batch: Batch) -> Tensor:
+        """The model's raw outputs for ``batch`` [rows, num_labels] (labels are not passed)."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         out = engine(**inputs)
-        logits = out.logits if hasattr(out, "logits") else out
+        return out.logits if hasattr(out, "logits") else out
+
+    def prediction(self, logits: Tensor) -> Tensor:
+        """What the metric scores: the value (regression) or the argmax class, per row."""
         return logits.squeeze(-1).float() if self.is_regression else logits.argmax(-1)
+
+    def predict(self, engine, batch: Batch) -> Tensor:
+        return self.prediction(self.logits(engine, batch))
 
     def tokens(self, batch: Batch):
         """Real (unpadded) tokens, or rows; a device tensor, so counting never syncs the GPU."""

@@ -61,7 +61,7 @@ def text_task(cfg: RunConfig) -> Task:
                 eval_set=EncodedTextDataset(tokenizer, evals, length, regression=spec.is_regression),
                 collate=partial(pad_to_length, length=length, pad_id=pad_id),
                 metrics=partial(compute_metrics, spec), main_metric=spec.main_metric,
-                is_regression=spec.is_regression, throughput_unit="tokens",
+                is_regression=spec.is_regression, label_names=tuple(spec.label_names), throughput_unit="tokens",
                 align=partial(align_lengths, pad_id=pad_id))
 
 

@@ -169,30 +169,44 @@ def upcycle_encoder(model: nn.Module, moe_cfg: MoEConfig) -> nn.Module:
     return model
 
 
-def build_classifier(name_or_path: str, num_labels: int, is_regression: bool, moe_cfg: Optional[MoEConfig],
-                     random_init_config: Optional[Dict] = None) -> nn.Module:
-    """A sequence classifier, upcycled with ``moe_cfg`` (``None`` keeps it dense, for baselines).
+def classifier_config(name_or_path: str, num_labels: int, is_regression: bool,
+                      random_init_config: Optional[Dict] = None):
+    """The Hugging Face config of the classifier :func:`build_classifier` makes (before upcycling).
 
-    Loads ``name_or_path`` (Hub id, local folder, or ``minilm``) with a new head, or, when
-    ``random_init_config`` (BertConfig kwargs) is given, builds a randomly initialised BERT
-    whose vocabulary comes from ``name_or_path``'s tokenizer unless the dict sets ``vocab_size``.
+    ``name_or_path``'s own config with a ``num_labels`` head, or, when ``random_init_config``
+    (BertConfig kwargs) is given, a BERT config whose vocabulary comes from ``name_or_path``'s
+    tokenizer unless the dict sets ``vocab_size``. Export rebuilds the architecture from it.
     """
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import AutoConfig, BertConfig
 
     if is_regression and num_labels != 1:
         raise ValueError(f"a regression head has one output: num_labels={num_labels} must be 1")
     if num_labels < 1:
         raise ValueError(f"num_labels={num_labels} must be >= 1")
     problem_type = "regression" if is_regression else "single_label_classification"
+    if random_init_config is None:
+        return AutoConfig.from_pretrained(resolve_model_path(name_or_path), num_labels=num_labels,
+                                          problem_type=problem_type)
+    kwargs = dict(random_init_config)
+    if "vocab_size" not in kwargs:
+        tokenizer = load_tokenizer(name_or_path)
+        kwargs["vocab_size"] = len(tokenizer)
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id or 0)
+    return BertConfig(**kwargs, num_labels=num_labels, problem_type=problem_type)
+
+
+def build_classifier(name_or_path: str, num_labels: int, is_regression: bool, moe_cfg: Optional[MoEConfig],
+                     random_init_config: Optional[Dict] = None) -> nn.Module:
+    """A sequence classifier, upcycled with ``moe_cfg`` (``None`` keeps it dense, for baselines).
+
+    Loads ``name_or_path`` (Hub id, local folder, or ``minilm``) with a new head, or, when
+    ``random_init_config`` is given, builds a randomly initialised BERT (:func:`classifier_config`).
+    """
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    config = classifier_config(name_or_path, num_labels, is_regression, random_init_config)
     if random_init_config is not None:
-        kwargs = dict(random_init_config)
-        if "vocab_size" not in kwargs:
-            tokenizer = load_tokenizer(name_or_path)
-            kwargs["vocab_size"] = len(tokenizer)
-            kwargs.setdefault("pad_token_id", tokenizer.pad_token_id or 0)
-        config = BertConfig(**kwargs, num_labels=num_labels, problem_type=problem_type)
         model = BertForSequenceClassification(config)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(name_or_path), num_labels=num_labels, problem_type=problem_type)
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name_or_path), config=config)
     return upcycle_encoder(model, moe_cfg) if moe_cfg is not None else model

@@ -135,3 +135,22 @@ def test_quartiles_of_paired_ratios():
 
     assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [2.0, 3.0, 4.0]
     assert quartiles([1.2]) == [1.2, 1.2, 1.2]
+
+
+@pytest.mark.slow
+def test_export_quick(tmp_path):
+    from bench import export
+
+    out = tmp_path / "export.json"
+    export.main(["--quick", "--reps", "1", "--warmup", "0", "--out", str(out)])
+    data = _load(out)
+    _check(data, "export_bytes_ratio_r05", "export_bytes_ratio_r03", "export_latency_ratio",
+           "export_latency_ratio_forward", "export_folder_bytes_ratio_r05")
+    # measured bytes sit just above the layout's floor (biases are stored in both exports)
+    for tag in ("r05", "r03"):
+        floor = data[f"export_bytes_floor_{tag}"]
+        assert floor <= data[f"export_bytes_ratio_{tag}"] < floor + 0.01
+    held = data["results"]["h256"]["held_bytes"]
+    assert held["pad_forward"] < held["pad_load"] < held["fully_dynamic"]
+    # the fully dynamic twin computes the PAD model's function, so the latency ratio compares like with like
+    assert data["twin_max_logit_diff"] < 1e-4
