@@ -1,4 +1,4 @@
-"""``padnet-ds train | eval | study | inspect``: argument parsing only; the work is in ``engine/``.
+"""``padnet-ds train | eval | study | inspect | reshard``: argument parsing only; the work is in ``engine/``.
 
 Run under any launcher (``deepspeed``, ``torchrun``, ``mpirun``) or as one process. The
 ``deepspeed`` launcher appends ``--local_rank=N``; it is accepted and ignored (the rank
@@ -30,12 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a checkpoint: layers, experts, dynamic ratios, parameter counts")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r = sub.add_parser("reshard", help="rewrite a checkpoint for another cluster shape (offline): a new run folder "
+                       "to resume with resume=true at that many ranks")
+    r.add_argument("checkpoint", help="run folder (output_dir), its checkpoints/ folder, or a checkpoint tag folder")
+    r.add_argument("out", help="the new run folder (must not exist)")
+    r.add_argument("--world-size", type=int, required=True, help="ranks of the new layout")
+    r.add_argument("--ep-size", type=int, required=True, help="moe.ep_size of the new layout")
+    r.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2), help="default: the checkpoint's")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from .engine.layout import CheckpointError
     from .settings import ConfigError
 
     try:
@@ -45,8 +53,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _eval(args)
         if args.command == "study":
             return _study(args)
+        if args.command == "reshard":
+            return _reshard(args)
         return _inspect(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"padnet-ds: error: {err}", file=sys.stderr)
         return 2
 
@@ -92,6 +102,15 @@ def _inspect(args) -> int:
 
     info = inspect_checkpoint(args.checkpoint)
     print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+def _reshard(args) -> int:
+    from .engine.reshard import reshard
+
+    done = reshard(args.checkpoint, args.out, args.world_size, args.ep_size, args.zero_stage)
+    print(f"resharded {done['source']} ({done['from']}) -> {done['out']} ({done['to']}); {done['batch']}")
+    print(f"resume: padnet-ds train {done['out']}/config.yaml resume=true  (at {args.world_size} ranks)")
     return 0
 
 

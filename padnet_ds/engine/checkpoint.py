@@ -18,6 +18,7 @@ import torch
 
 from ..comm import barrier, rank
 from ..files import atomic_torch_save
+from .layout import LAYOUT_KEY, of_engine
 from .run_dir import RunDir
 from .state import LoopState
 
@@ -45,15 +46,34 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def seeded_rng_state(seed: int) -> Dict[str, Any]:
+    """The RNG states ``seed`` gives every generator (this process's own states are left as they were)."""
+    saved = rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    state = rng_state()
+    set_rng_state(saved)
+    return state
+
+
+def new_rank_rng_state(seed: int, rank_: int, step: int) -> Dict[str, Any]:
+    """RNG states for a rank the checkpoint was not written by (resumed on more ranks): its own stream,
+    fixed by the run's seed, the rank and the step."""
+    return seeded_rng_state(((seed * 1_000_003 + rank_) * 1_000_033 + step) % 2**63)
+
+
 def save(engine, partitioner, run_dir: RunDir, state: LoopState, keep: int) -> str:
-    """Collective: every rank writes its files, then rank 0 prunes old tags. Returns the tag."""
+    """Collective: every rank writes its files, then rank 0 prunes old tags. Returns the tag.
+    DeepSpeed's client state carries the loop state and the layout record (engine/layout.py)."""
     tag = tag_of(state.step)
     ckpt = run_dir.checkpoints
     # RNG first: DeepSpeed writes `latest` last, so a crash mid-save never points at a partial tag.
     atomic_torch_save(rng_state(), ckpt / tag / RNG_FILE.format(rank()))
     if partitioner is not None:
         partitioner.save(str(ckpt), tag)
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state={CLIENT_KEY: state.state_dict()})
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state={CLIENT_KEY: state.state_dict(),
+                                                             LAYOUT_KEY: of_engine(engine).to_record()})
     barrier()
     if rank() == 0:
         prune(ckpt, keep, protect=tag)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import yaml
 
 from .checkpoint import CLIENT_KEY, latest_tag
+from .layout import Layout, of_checkpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt")
@@ -41,6 +42,7 @@ class CheckpointState:
     replicated: Dict[str, torch.Tensor]  # every key outside the experts
     experts: ExpertStates = field(default_factory=dict)  # MoE layer -> global expert id -> {name: tensor}
     loop_state: Dict[str, Any] = field(default_factory=dict)  # the trainer's LoopState.state_dict()
+    layout: Optional[Layout] = None  # the cluster shape it was written at (or resharded for), engine/layout.py
 
     @property
     def tag(self) -> str:
@@ -82,4 +84,5 @@ def read_checkpoint(path: str) -> CheckpointState:
     config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
     states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
     return CheckpointState(run=run, tag_dir=tag_dir, config=config, replicated=dict(states["module"]),
-                           experts=read_experts(tag_dir), loop_state=dict(states.get(CLIENT_KEY) or {}))
+                           experts=read_experts(tag_dir), loop_state=dict(states.get(CLIENT_KEY) or {}),
+                           layout=of_checkpoint(states, config))

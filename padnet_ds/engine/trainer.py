@@ -15,11 +15,11 @@ from ..comm import all_reduce_flat, barrier, rank, reduce_values, world_size
 from ..moe.layer import pad_moe_layers
 from ..moe.upcycle import perturb_experts
 from ..partition import Partitioner
-from . import checkpoint
+from . import checkpoint, reshard
 from .config import RunConfig
 from .distributed import init_distributed
 from .evaluate import evaluate
-from .loader import optimizer_steps, scoring_batches, steps_per_epoch, train_loader
+from .loader import optimizer_steps, scoring_batches, train_batches
 from .monitor import Monitor, Progress
 from .run_dir import RunDir
 from .setup import build_engine, optimizer_and_schedule, seed_everything
@@ -51,9 +51,8 @@ class Trainer:
         seed_everything(cfg.seed)  # identical model init on every rank
         self.task = build_task(cfg)
         self.perturb_for_scoring()
-        self.loader = train_loader(self.task, cfg, cfg.seed)
-        self.total_steps = cfg.train.steps or max(1, int(cfg.train.epochs * steps_per_epoch(
-            self.loader, cfg.train.grad_accum)))
+        self.batches = train_batches(self.task, cfg, cfg.seed)
+        self.total_steps = cfg.train.steps or max(1, int(cfg.train.epochs * self.batches.steps_per_epoch))
         self.engine = self.build_engine()
         self.partitioner = self.build_partitioner()
         self.monitor = Monitor(self.run_dir.tensorboard, enabled=rank() == 0)
@@ -84,7 +83,7 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Resume or partition before training, run optimizer steps until done, then finish."""
         self.begin()
-        steps = optimizer_steps(self.loader, self.cfg.train.grad_accum, self.state)
+        steps = optimizer_steps(self.task, self.batches, self.state)
         while not self.stop_due():
             position, micro_batches = next(steps)
             self.train_step(position, micro_batches)
@@ -93,7 +92,7 @@ class Trainer:
     def begin(self) -> None:
         """Restore the latest checkpoint (``resume``), or run the ``before_training`` partition."""
         if self.cfg.resume:
-            tag = checkpoint.load(self.engine, self.partitioner, self.run_dir, self.state)
+            tag = reshard.restore(self.engine, self.partitioner, self.run_dir, self.state, self.cfg.seed)
             log.info("resumed from %s at step %d", tag, self.state.step)
         elif self.partitioner.active and self.cfg.partition.mode == "before_training":
             entries = self.partitioner.run_before_training(self.engine, scoring_batches(self.task, self.cfg),
@@ -104,7 +103,7 @@ class Trainer:
         self.window = LogWindow()
 
     def scoring_loss(self, engine, batch: Batch):
-        return self.task.loss(engine, self.task.prepare(batch, engine.device))
+        return self.task.loss(engine, self.task.prepare(batch, engine.device, train=True))
 
     def stop_due(self) -> bool:
         stop_at = self.cfg.train.stop_at
@@ -117,8 +116,9 @@ class Trainer:
         only on the step number, so every rank enters the same collectives in the same order:
 
         1. ``before_step``: none (scoring switched on or off; the task's hook, e.g. a temperature).
-        2. per micro-batch, ``forward_backward``: the task's ``align`` (text: one scalar all-reduce
-           MAX of the sequence length); in the forward two all-to-alls per MoE layer (dispatch,
+        2. per micro-batch, ``forward_backward``: the task's ``align`` unless it has ``step_length``
+           (text pads to its step's length, known on every rank: no collective); in the forward two
+           all-to-alls per MoE layer (dispatch,
            combine) over its expert-parallel group, and (images) one all-reduce of the BatchNorm
            statistics; in the backward the same all-to-alls in reverse, and at the last
            micro-batch ZeRO's gradient reductions (data-parallel group for replicated parameters,
@@ -175,7 +175,7 @@ class Trainer:
             self.task.before_step(self.engine.module, self.state.step, position)
 
     def forward_backward(self, batch: Batch) -> None:
-        batch = self.task.prepare(batch, self.engine.device)
+        batch = self.task.prepare(batch, self.engine.device, train=True)
         loss = self.task.loss(self.engine, batch)
         aux = moe_aux_loss(self.engine.module)
         self.engine.backward(loss + self.cfg.moe.aux_loss_coef * aux if aux is not None else loss)
