@@ -13,9 +13,14 @@ interleaved after warm-up (medians):
              ``Composition.linear`` forward+backward per expert through autograd (bias, phi learned,
              mask ratio 0.5), gradients for x, W_e, b_e, W_static and phi
   linear     the stock expert: ``F.linear`` through autograd (what DeepSpeed's MoE expert runs)
+  grouped_loop / grouped_kernel
+             the filled-row dispatch's node (``pad.grouped.grouped_linear``): all local experts'
+             rows in one buffer, composed as in ``composed``, the GEMMs as a loop over the row
+             segments or as torch's grouped GEMM kernel (``torch.nn.functional.grouped_mm``)
 
 ``gemm_efficiency`` = matmul / composed (<= 1, higher is better); ``linear_efficiency`` =
-matmul / linear for reference.
+matmul / linear for reference; ``grouped_kernel_vs_loop_per_shape`` = grouped_kernel /
+grouped_loop (> 1: the loop is faster on this device, which is what the dispatcher picks on CPU).
 """
 from __future__ import annotations
 
@@ -85,7 +90,33 @@ def build(hidden: int, ffn: int, rows: int, ratio: float = 0.5, phi: float = 0.3
                 gs.append(grads[i][e])
         torch.autograd.backward(outs, gs)
 
-    return {"matmul": matmul, "composed": composed, "linear": linear}
+    grouped = dict(units=units, weights=weights, biases=biases, xs=xs, grads=grads, clear=clear, rows=rows)
+    return {"matmul": matmul, "composed": composed, "linear": linear,
+            "grouped_loop": grouped_pass(kernel=False, **grouped),
+            "grouped_kernel": grouped_pass(kernel=True, **grouped)}
+
+
+def grouped_pass(units, weights, biases, xs, grads, clear, rows: int, kernel: bool):
+    """The same linears through ``pad.grouped.grouped_linear``: every expert's rows in one buffer."""
+    from padnet_ds.pad.grouped import grouped_linear
+
+    sizes = [rows] * LOCAL_EXPERTS
+    x_all = [torch.cat([x.detach() for x in per]).requires_grad_(True) for per in xs]  # [L*rows, in]
+    g_all = [torch.cat(per) for per in grads]
+
+    def run():
+        clear()
+        for x in x_all:
+            x.grad = None
+        outs = []
+        for i, unit in enumerate(units):
+            unit.hold()
+            outs.append(grouped_linear(x_all[i], [unit.composition()] * LOCAL_EXPERTS, weights[i], biases[i], sizes,
+                                       kernel))
+            unit.release()
+        torch.autograd.backward(outs, g_all)
+
+    return run
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -104,6 +135,7 @@ def main(argv=None) -> Dict[str, Any]:
         gflop = 2 * 2 * 3 * LOCAL_EXPERTS * rows * shape["hidden"] * shape["ffn"] / 1e9
         res[s] = dict(median_s=med, rows_per_local_expert=rows, gflop=gflop,
                       gemm_efficiency=med["matmul"] / med["composed"], linear_efficiency=med["matmul"] / med["linear"],
+                      grouped_kernel_vs_loop=med["grouped_kernel"] / med["grouped_loop"],
                       gflops={n: gflop / t for n, t in med.items()})
         print(f"\n[{s}] {LOCAL_EXPERTS} local experts x 2 linears ({shape['hidden']}<->{shape['ffn']}), "
               f"{rows} rows each, "
@@ -117,10 +149,11 @@ def main(argv=None) -> Dict[str, Any]:
                           for s in shapes},
                   machine=common.machine(), quick=args.quick, results=res,
                   gemm_efficiency=res[first]["gemm_efficiency"],
-                  gemm_efficiency_per_shape={s: r["gemm_efficiency"] for s, r in res.items()})
+                  gemm_efficiency_per_shape={s: r["gemm_efficiency"] for s, r in res.items()},
+                  grouped_kernel_vs_loop_per_shape={s: r["grouped_kernel_vs_loop"] for s, r in res.items()})
     out = common.write_json(args.out, result)
-    print("\n" + ", ".join(f"{s}: gemm_efficiency = {r['gemm_efficiency']:.3f}" for s, r in res.items())
-          + f"; wrote {out}")
+    print("\n" + ", ".join(f"{s}: gemm_efficiency = {r['gemm_efficiency']:.3f}, grouped kernel / loop = "
+                            f"{r['grouped_kernel_vs_loop']:.3f}" for s, r in res.items()) + f"; wrote {out}")
     return result
 
 

@@ -24,7 +24,8 @@ so the aggregation is O(B*K*n) with n = rP.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, List, Optional
+from functools import partial
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,8 @@ from torch.nn.modules.utils import _pair
 
 from ..pad.accounting import pad_counts
 from ..pad.compose import PADUnit
-from ..pad.packed import Packable, PackedUnit, complement_of, gather_at, pack_unit, scatter_at, unpack_unit
+from ..pad.packed import (DenseSource, Packable, PackedUnit, complement_of, gather_at, pack_unit, scatter_at,
+                          unit_sizes, unpack_unit)
 
 
 def _conv_init_(weight: Tensor, bias: Optional[Tensor] = None) -> None:
@@ -167,13 +169,25 @@ class PADDynamicConv2d(nn.Module, Packable):
         self.weight = weight
         self.pad = unpack_unit(self.pad)
 
+    def dense_sources(self) -> Dict[str, DenseSource]:
+        unit = self.pad
+        take = partial(gather_at, positions=unit.positions, batch_dims=1)
+        return {"values": DenseSource("weight", torch.Size((self.num_kernels, *unit.weight_shape)), take),
+                **unit.static_source("pad.")}
+
+    def storage_sizes(self) -> Dict[str, Tuple[int, int]]:
+        unit = self.pad
+        p, value_bytes = unit.weight_shape.numel(), unit.static_tensor().element_size()
+        n = round(self.dynamic_ratio() * p)
+        factors = "values" if self.packed else "weight"
+        return {factors: (self.num_kernels * n * value_bytes, self.num_kernels * p * value_bytes),
+                **unit_sizes(unit, "pad.", value_bytes)}
+
     def pad_units(self) -> List[PADUnit]:
         return [self.pad]
 
     def dynamic_ratio(self) -> float:
-        if self.packed:
-            return self.pad.positions.numel() / self.pad.weight_shape.numel()
-        return float(self.pad.mask.float().mean())
+        return self.pad.dynamic_ratio()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -24,6 +24,7 @@ from .state import LoopState
 
 TAG_PREFIX = "step"
 CLIENT_KEY = "padnet"  # the loop state's key in DeepSpeed's client state
+FOOTPRINT_KEY = "padnet_footprint"  # layout and sizes (engine/footprint.py), for inspect
 RNG_FILE = "padnet_rng_rank{}.pt"
 
 
@@ -63,17 +64,21 @@ def new_rank_rng_state(seed: int, rank_: int, step: int) -> Dict[str, Any]:
     return seeded_rng_state(((seed * 1_000_003 + rank_) * 1_000_033 + step) % 2**63)
 
 
-def save(engine, partitioner, run_dir: RunDir, state: LoopState, keep: int) -> str:
+def save(engine, partitioner, run_dir: RunDir, state: LoopState, keep: int,
+         footprint: Optional[Dict[str, Any]] = None) -> str:
     """Collective: every rank writes its files, then rank 0 prunes old tags. Returns the tag.
-    DeepSpeed's client state carries the loop state and the layout record (engine/layout.py)."""
+    DeepSpeed's client state carries the loop state, the layout record (engine/layout.py) and
+    ``footprint`` (engine/footprint.py, for ``inspect``)."""
     tag = tag_of(state.step)
     ckpt = run_dir.checkpoints
     # RNG first: DeepSpeed writes `latest` last, so a crash mid-save never points at a partial tag.
     atomic_torch_save(rng_state(), ckpt / tag / RNG_FILE.format(rank()))
     if partitioner is not None:
         partitioner.save(str(ckpt), tag)
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state={CLIENT_KEY: state.state_dict(),
-                                                             LAYOUT_KEY: of_engine(engine).to_record()})
+    client = {CLIENT_KEY: state.state_dict(), LAYOUT_KEY: of_engine(engine).to_record()}
+    if footprint is not None:
+        client[FOOTPRINT_KEY] = footprint
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client)
     barrier()
     if rank() == 0:
         prune(ckpt, keep, protect=tag)

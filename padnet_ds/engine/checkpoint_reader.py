@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import yaml
 
-from .checkpoint import CLIENT_KEY, latest_tag
+from .checkpoint import CLIENT_KEY, FOOTPRINT_KEY, latest_tag
 from .layout import Layout, of_checkpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -43,6 +43,7 @@ class CheckpointState:
     experts: ExpertStates = field(default_factory=dict)  # MoE layer -> global expert id -> {name: tensor}
     loop_state: Dict[str, Any] = field(default_factory=dict)  # the trainer's LoopState.state_dict()
     layout: Optional[Layout] = None  # the cluster shape it was written at (or resharded for), engine/layout.py
+    footprint: Dict[str, Any] = field(default_factory=dict)  # layout and sizes recorded at save (engine/footprint.py)
 
     @property
     def tag(self) -> str:
@@ -85,4 +86,4 @@ def read_checkpoint(path: str) -> CheckpointState:
     states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
     return CheckpointState(run=run, tag_dir=tag_dir, config=config, replicated=dict(states["module"]),
                            experts=read_experts(tag_dir), loop_state=dict(states.get(CLIENT_KEY) or {}),
-                           layout=of_checkpoint(states, config))
+                           footprint=dict(states.get(FOOTPRINT_KEY) or {}), layout=of_checkpoint(states, config))

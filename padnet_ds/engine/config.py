@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, Dict, Optional, Sequence, Tuple
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..data.config import TextDataConfig
 from ..models.encoder import MoEConfig
 from ..partition.config import PartitionConfig
-from ..settings import Bool, ConfigError, Float, Int, Settings
+from ..settings import Bool, ConfigError, FieldError, Float, Int, Settings
 
 __all__ = ["ConfigError", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig", "load_config",
            "config_from_dict", "merge", "parse_overrides", "to_dict"]
@@ -75,6 +75,9 @@ class RunConfig(Settings):
     output_dir: str = "runs/default"
     seed: Int = 42
     resume: Bool = False
+    # Start a new fine-tune from a partitioned run or checkpoint (its weights and final masks, packed
+    # unless partition.pack=false); the optimizer, schedule and step count start afresh.
+    init_from: Optional[str] = None
     ds_config: str = "ds_configs/zero2_fp32.json"
     task: str = "text"  # a registered task (engine/tasks.py): "text" (GLUE and friends) | "image" (DY-Conv ResNets)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -85,6 +88,20 @@ class RunConfig(Settings):
     train: TrainConfig = Field(default_factory=TrainConfig)
     # The task's own sections (e.g. `vision` for task: image), validated by the task registry.
     extra: Dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _packing_is_possible(self) -> "RunConfig":
+        part = self.partition
+        if self.init_from is not None and self.resume:
+            raise FieldError("init_from", self.init_from, "starts a new run and resume=true continues one: drop one")
+        if part.pack is True and not part.active and self.init_from is None:
+            raise FieldError("partition.pack", True, "with partition.ratio=1.0 has nothing to pack: a fully dynamic "
+                             "model keeps every entry; set partition.ratio below 1 (e.g. 0.5), start from a "
+                             "partitioned checkpoint with init_from=RUN, or leave partition.pack at auto")
+        if self.init_from is not None and part.active:
+            raise FieldError("partition.ratio", part.ratio, f"with init_from={self.init_from} would partition again, "
+                             "but a run started from a checkpoint keeps its final masks: set partition.ratio=1.0")
+        return self
 
 
 def parse_overrides(pairs: Sequence[str]) -> Dict[str, Any]:

@@ -10,10 +10,11 @@ from typing import Any, Dict, Sequence
 
 from ..comm import world_size
 from ..settings import ConfigError
-from .checkpoint_reader import resolve
+from .checkpoint_reader import read_checkpoint, resolve
 from .config import config_from_dict, merge, parse_overrides
 from .distributed import init_distributed
 from .evaluate import evaluate
+from .packing import check_packed_checkpoint, is_packed_state, local_state, pack_like
 from .setup import build_engine, seed_everything
 from .tasks import build_task
 from .validate import validate_run
@@ -33,6 +34,11 @@ def evaluate_run(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     ds = validate_run(cfg)
     seed_everything(cfg.seed)
     task = build_task(cfg)
+    ckpt = read_checkpoint(str(tag_dir))
+    check_packed_checkpoint(ckpt)
+    state = local_state(task.model, ckpt)
+    if is_packed_state(state):  # a packed checkpoint loads into a model packed like it
+        pack_like(task.model, state, f"checkpoint {tag_dir}")
     for key in ("optimizer", "scheduler"):
         ds.pop(key, None)
     ds["zero_optimization"] = {"stage": 0}  # inference: ZeRO's partitioned optimizer has nothing to do

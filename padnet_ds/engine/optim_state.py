@@ -16,7 +16,7 @@ for the same parameters in the same order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,6 +26,10 @@ from torch import Tensor
 class ParamState:
     fp32: Tensor  # the fp32 master copy, full shape
     moments: Dict[str, Tensor] = field(default_factory=dict)  # e.g. exp_avg, exp_avg_sq, full shape, fp32
+
+    def mapped(self, fn: Callable[[Tensor], Tensor]) -> "ParamState":
+        """The state of another parameter whose entries are ``fn`` of this one's (e.g. the kept positions)."""
+        return ParamState(fn(self.fp32), {k: fn(v) for k, v in self.moments.items()})
 
 
 # How an engine's optimizer holds state:
@@ -60,8 +64,10 @@ def _link(engine) -> None:
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
     opt = engine.optimizer
-    lp_groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups")
-    hp_parts = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_groups_flat_partition")
+    if hasattr(opt, "bit16_groups"):  # ZeRO 1/2
+        lp_groups, hp_parts = opt.bit16_groups, opt.single_partition_of_fp32_groups
+    else:  # BF16_Optimizer
+        lp_groups, hp_parts = opt.bf16_groups, opt.fp32_groups_flat_partition
     for lp, hp in zip(lp_groups, hp_parts):
         if hp in opt.optimizer.state:
             lazy_init_hp_params_optimizer_state(lp, hp, opt.optimizer.state)

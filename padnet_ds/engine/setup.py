@@ -19,6 +19,7 @@ from torch import nn
 
 from ..comm import world_size
 from ..moe.layer import pad_moe_layers
+from ..pad.packed import is_packed_weight
 from ..settings import ConfigError
 from .config import RunConfig
 from .distributed import accelerator_is_cpu
@@ -109,7 +110,8 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> List[Dict[str, 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+        vector = p.ndim <= 1 and not is_packed_weight(name)  # a packed weight decays like the matrix it was
+        (no_decay if vector or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
     if not weight_decay:
         # Nothing tells the two apart: one group, because ZeRO pays per group and step (flat
         # buffers, norms, an all-gather; 3-4 ms per extra group on 2 gloo ranks at h256).
@@ -136,3 +138,18 @@ def build_engine(model: nn.Module, ds_config: Dict[str, Any], *, optimizer=None,
                                            dist_init_required=False)
     return engine
 
+
+def release_engine(engine) -> None:
+    """Undo what ``deepspeed.initialize`` attached outside the engine, so that another engine can be
+    built around the same module: the optimizer's hooks and parameter links (``destroy``) and the
+    engine's forward hooks on the module (left in place by ``destroy``; they would keep the old
+    engine, and its flat buffers, alive and run its forward prologue), and the MoE layers' last
+    outputs, which carry the engine's backward hooks."""
+    engine.destroy()
+    for layer in pad_moe_layers(engine.module).values():
+        layer.clear_last_outputs()
+    for hook in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        handle = getattr(engine, hook, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, hook, None)

@@ -34,5 +34,5 @@ def pad_stats(module: nn.Module) -> Dict[str, float]:
             out[f"pad/{name}/lambda_d"] = lam_d
             out[f"pad/{name}/lambda_s"] = lam_s
             if unit.shared_mask:
-                out[f"pad/{name}/dynamic_ratio"] = float(unit.mask.float().mean())
+                out[f"pad/{name}/dynamic_ratio"] = unit.dynamic_ratio()
     return out

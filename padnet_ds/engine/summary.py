@@ -27,7 +27,9 @@ def layer_table(module: nn.Module, partitioner: Partitioner) -> Dict[str, Dict[s
 
 
 def build_summary(cfg: RunConfig, task: Task, module: nn.Module, partitioner: Partitioner, state: LoopState,
-                  last_eval: Dict[str, float], stopped: bool) -> Dict[str, Any]:
+                  last_eval: Dict[str, float], stopped: bool, footprint: Dict[str, Any]) -> Dict[str, Any]:
+    """``footprint``: ``packed`` and, per rank, ``model_state_bytes`` / the last checkpoint's
+    ``checkpoint_bytes`` (all ranks' files), each ``{packed, unpacked}`` (engine/footprint.py)."""
     history = state.history
     layers = layer_table(module, partitioner)
     dyconv = total_param_counts(module) if any(True for _ in dyconv_modules(module)) else None
@@ -43,6 +45,7 @@ def build_summary(cfg: RunConfig, task: Task, module: nn.Module, partitioner: Pa
         "moe_layers": list(pad_moe_layers(module)),
         "partition_log": list(partitioner.log),
         "dyconv_param_counts": dyconv,
+        **footprint,
         "task": task.name,
         "world_size": world_size(),
         "config": to_dict(cfg),

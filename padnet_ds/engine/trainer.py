@@ -9,18 +9,22 @@ partitioner and the monitor; ``fit()`` runs :meth:`Trainer.train_step` until ``t
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 from ..comm import all_reduce_flat, barrier, rank, reduce_values, world_size
 from ..moe.layer import pad_moe_layers
 from ..moe.upcycle import perturb_experts
+from ..pad.packed import is_packed, pack_model
 from ..partition import Partitioner
 from . import checkpoint, reshard
 from .config import RunConfig
 from .distributed import init_distributed
 from .evaluate import evaluate
+from .footprint import checkpoint_bytes, footprint
 from .loader import optimizer_steps, scoring_batches, train_batches
 from .monitor import Monitor, Progress
+from .packing import (final_masks, is_packed_state, load_weights, local_state, pack_like, starting_checkpoint,
+                      switch_to_packed)
 from .run_dir import RunDir
 from .setup import build_engine, optimizer_and_schedule, seed_everything
 from .state import LogWindow, LoopState
@@ -33,9 +37,10 @@ log = logging.getLogger("padnet_ds")
 
 
 class Trainer:
-    """One training run. Attributes: ``cfg``, ``run_dir``, ``task``, ``engine`` (DeepSpeed),
-    ``partitioner``, ``monitor``, ``progress``, ``state`` (:class:`LoopState`, checkpointed) and
-    ``window`` (:class:`LogWindow`, since the last log step).
+    """One training run. Attributes: ``cfg``, ``run_dir``, ``start`` (the checkpoint a resumed or
+    ``init_from`` run starts from, or None), ``task``, ``engine`` (DeepSpeed), ``partitioner``,
+    ``monitor``, ``progress``, ``state`` (:class:`LoopState`, checkpointed) and ``window``
+    (:class:`LogWindow`, since the last log step).
 
     The engine and partitioner are built by :meth:`build_engine` / :meth:`build_partitioner`
     around ``task.model``, so a stage can rebuild them in process.
@@ -46,11 +51,13 @@ class Trainer:
         init_distributed()
         self.ds_config = validate_run(cfg)  # on every rank, before anything is written
         self.run_dir = RunDir(cfg.output_dir)
+        self.start = starting_checkpoint(cfg, self.run_dir)  # init_from / resume: read and checked, also
         self.run_dir.prepare(cfg, is_writer=rank() == 0, barrier=barrier)
         barrier()
         seed_everything(cfg.seed)  # identical model init on every rank
         self.task = build_task(cfg)
         self.perturb_for_scoring()
+        self.take_start_weights()
         self.batches = train_batches(self.task, cfg, cfg.seed)
         self.total_steps = cfg.train.steps or max(1, int(cfg.train.epochs * self.batches.steps_per_epoch))
         self.engine = self.build_engine()
@@ -69,6 +76,21 @@ class Trainer:
         if part.mode == "before_training" and (part.perturb_std or 0) > 0 and part.active:
             for layer in pad_moe_layers(self.task.model).values():
                 perturb_experts(layer, part.perturb_std, seed=self.cfg.seed)
+
+    def take_start_weights(self) -> None:
+        """Before the engine exists: a packed checkpoint to resume needs a model packed like it;
+        ``init_from`` loads the checkpoint's weights and masks (and packs final ones right away)."""
+        if self.start is None:
+            return
+        model, origin = self.task.model, f"checkpoint {self.start.tag_dir}"
+        state = local_state(model, self.start)
+        if self.cfg.init_from is None:
+            if is_packed_state(state):
+                pack_like(model, state, origin)
+            return
+        load_weights(model, state, origin)
+        if self.cfg.partition.packs and not is_packed(model) and final_masks(self.start):
+            pack_model(model)
 
     def build_engine(self):
         """The DeepSpeed engine around ``task.model`` with the run's optimizer and learning-rate schedule."""
@@ -99,6 +121,7 @@ class Trainer:
                                                            self.scoring_loss)
             for entry in entries:
                 self.monitor.partition(entry, 0)
+        self.pack_if_final()
         self.progress = Progress(self.total_steps, self.state.step)
         self.window = LogWindow()
 
@@ -131,14 +154,18 @@ class Trainer:
            all-reduce (per-expert masks: over the expert-data-parallel group, then an all-gather
            over the expert-parallel group) and a MAX all-reduce of the symmetry check (``magnitude``:
            the magnitude all-reduce / all-gather; ``random``: none); the digest all-gather again;
-           with per-expert masks an all-reduce of the flip counts.
+           with per-expert masks an all-reduce of the flip counts. After the last one, with
+           ``partition.pack`` (engine/packing.py): the ratio all-reduce, then per parameter an
+           all-reduce over its data-parallel group (its whole optimizer state) and
+           ``deepspeed.initialize``'s own collectives for the packed engine.
         5. ``log_step`` every ``train.log_every`` steps and at the last: one all-reduce of the
            window means, one of the expert loads (MoE only).
         6. ``eval_step`` every ``train.eval_every`` steps: per eval batch the align all-reduce and
            the all-to-alls (every rank forwards the same number of batches), then one
            all-gather of the predictions.
-        7. ``checkpoint_step`` every ``train.checkpoint_every`` steps: DeepSpeed's save (its own
-           barriers), then a barrier before rank 0 prunes old checkpoints.
+        7. ``checkpoint_step`` every ``train.checkpoint_every`` steps: one all-reduce (the size record
+           of engine/footprint.py), DeepSpeed's save (its own barriers), then a barrier before rank 0
+           prunes old checkpoints.
         """
         self.before_step(position)
         for batch in micro_batches:
@@ -160,9 +187,12 @@ class Trainer:
         stopped = self.state.step < self.total_steps
         if not stopped:
             self.eval_step()
-        self.checkpoint_step()
+        tag, sizes = self.checkpoint_step()
+        sizes = {"packed": sizes["packed"], "model_state_bytes": sizes["model_state_bytes"],
+                 "checkpoint_bytes": checkpoint_bytes(self.run_dir.checkpoints / tag, sizes["packed"],
+                                                      sizes["checkpoint_delta"])}
         summary = build_summary(self.cfg, self.task, self.engine.module, self.partitioner, self.state,
-                                self.last_eval, stopped)
+                                self.last_eval, stopped, sizes)
         if rank() == 0:
             self.run_dir.write_summary(summary)
         self.monitor.close()
@@ -190,6 +220,21 @@ class Trainer:
         entry = self.partitioner.after_step(self.state.step)
         if entry is not None:
             self.monitor.partition(entry, self.state.step)
+            self.pack_if_final()
+
+    def pack_if_final(self) -> None:
+        """``partition.pack``: once the masks are final, switch to packed storage (engine/packing.py),
+        rebuilding the engine in process with the optimizer state carried over."""
+        if not self.cfg.partition.packs or is_packed(self.engine.module) or not self.partitioner.done:
+            return
+        if self.partitioner.overall_ratio() >= 1.0:  # (collective) fully dynamic: nothing to pack
+            return
+        self.engine = switch_to_packed(self.engine, self.build_engine)
+        state = self.partitioner.state_dict()
+        self.partitioner = self.build_partitioner()
+        self.partitioner.load_state_dict(state)
+        self.monitor.scalars({"partition/packed": 1.0}, self.state.step)  # TensorBoard: the step it packed at
+        log.info("step %d: switched to packed storage (partition.pack=%s)", self.state.step, self.cfg.partition.pack)
 
     def log_step(self) -> None:
         step, world = self.state.step, world_size()
@@ -215,8 +260,12 @@ class Trainer:
         self.state.record_eval(metrics, self.task.main_metric)
         self.last_eval = metrics
 
-    def checkpoint_step(self) -> None:
-        checkpoint.save(self.engine, self.partitioner, self.run_dir, self.state, self.cfg.train.keep_checkpoints)
+    def checkpoint_step(self) -> Tuple[str, Dict[str, Any]]:
+        """A checkpoint, recording the model's layout and sizes (a collective); its tag and that record."""
+        sizes = footprint(self.engine.module, self.ds_config, world_size())
+        tag = checkpoint.save(self.engine, self.partitioner, self.run_dir, self.state, self.cfg.train.keep_checkpoints,
+                              sizes)
+        return tag, sizes
 
 
 def train(cfg: RunConfig) -> Dict[str, Any]:

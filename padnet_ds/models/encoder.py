@@ -41,6 +41,8 @@ class MoEConfig(Settings):
                                           "FFN layer indices")
     lambda_mode: Literal["both", "s", "d", "none", "prune"] = "both"
     mask_scope: Literal["shared", "expert"] = "shared"
+    dropless: Bool = Field(False, description="no capacity, no token dropped (drop_tokens is then ignored); "
+                           "moe/dispatch.py")
     aux_loss_coef: Float = Field(0.01, ge=0, description="applied by the engine, not by the layer")
 
     @field_validator("layers", mode="before")

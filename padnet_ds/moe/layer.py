@@ -5,13 +5,16 @@ layers: TopKGate routing and ``l_aux``, all-to-all dispatch over ``ep_size`` ran
 parameters marked ``allreduce=False`` and reduced in the expert-data-parallel group,
 one checkpoint file per global expert, and the engine's MoE-aware gradient norm.
 PAD adds one :class:`PADUnit` per expert linear (static weight, shared mask, ``phi``),
-held in ``self.pad``: ordinary replicated data-parallel parameters. ``pack()`` switches a
+held in ``self.pad``: ordinary replicated data-parallel parameters. The dispatch sends and
+computes only the routed rows (:class:`~padnet_ds.moe.dispatch.FilledMOELayer` in place of
+DeepSpeed's ``MOELayer``: same gate, experts and parameter names). ``pack()`` switches a
 layer with final masks to packed storage (``pad.packed``): each expert then holds only its
 values at the mask's dynamic positions.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -19,7 +22,9 @@ from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from ..pad.compose import PADUnit, check_lambda_mode
-from ..pad.packed import Packable, PackedUnit, mask_of, pack_unit, unpack_unit
+from ..pad.packed import (DenseSource, Packable, PackedUnit, gather_at, mask_of, pack_unit, unit_sizes,
+                          unpack_unit)
+from .dispatch import DISPATCHES, FilledMOELayer
 from .expert import (FFNExpert, PackedExpertLinear, expert_linears_of, pack_expert_linear, to_pad_expert,
                      unpack_expert_linear)
 
@@ -27,7 +32,8 @@ MASK_SCOPES = ("shared", "expert")
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
 
 
-def check_moe_args(num_experts: int, ep_size: int, k: int, noisy_gate_policy: Optional[str], mask_scope: str) -> None:
+def check_moe_args(num_experts: int, ep_size: int, k: int, noisy_gate_policy: Optional[str], mask_scope: str,
+                   dispatch: str = "filled", dropless: bool = False, use_tutel: bool = False) -> None:
     if num_experts < 1:
         raise ValueError(f"num_experts={num_experts} must be >= 1")
     if ep_size < 1 or num_experts % ep_size:
@@ -41,14 +47,24 @@ def check_moe_args(num_experts: int, ep_size: int, k: int, noisy_gate_policy: Op
     if mask_scope not in MASK_SCOPES:
         raise ValueError(f"mask_scope={mask_scope!r} is not one of {MASK_SCOPES}: 'shared' (one mask per PAD linear "
                          "for all experts, the paper's default) or 'expert' (one mask per expert)")
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch={dispatch!r} is not one of {DISPATCHES}: 'filled' (send and compute the routed "
+                         "rows only, the default) or 'padded' (DeepSpeed's capacity buffer)")
+    if dropless and (dispatch != "filled" or use_tutel):
+        raise ValueError("dropless=True needs dispatch='filled' and use_tutel=False: DeepSpeed's padded and Tutel "
+                         "dispatches size every expert's buffer by a capacity")
 
 
 class PADMoE(MoE, Packable):
     """Drop-in for ``deepspeed.moe.layer.MoE`` whose expert linears are PAD linears.
 
-    Same constructor arguments as DeepSpeed's MoE, plus ``lambda_mode`` and ``mask_scope``.
-    ``y, l_aux, exp_counts = layer(x)`` as in DeepSpeed. One deliberate difference: with
-    ``top2_2nd_expert_sampling`` the second expert is sampled in training only (DeepSpeed
+    Same constructor arguments as DeepSpeed's MoE, plus ``lambda_mode``, ``mask_scope``,
+    ``dropless`` and ``dispatch``. ``y, l_aux, exp_counts = layer(x)`` as in DeepSpeed, with
+    DeepSpeed's gate; the experts see only the routed rows (``dispatch="filled"``, the default,
+    moe/dispatch.py), with DeepSpeed's outputs and gradients; ``dispatch="padded"`` keeps
+    DeepSpeed's capacity buffer. ``dropless=True``: no capacity and no token dropped (the gate
+    runs with ``drop_tokens=False``; the argument is then ignored). One deliberate difference:
+    with ``top2_2nd_expert_sampling`` the second expert is sampled in training only (DeepSpeed
     also samples in eval mode, which makes evaluation non-deterministic).
     """
 
@@ -70,8 +86,10 @@ class PADMoE(MoE, Packable):
                  top2_2nd_expert_sampling: bool = True,
                  *,
                  lambda_mode: str = "both",
-                 mask_scope: str = "shared") -> None:
-        check_moe_args(num_experts, ep_size, k, noisy_gate_policy, mask_scope)
+                 mask_scope: str = "shared",
+                 dropless: bool = False,
+                 dispatch: str = "filled") -> None:
+        check_moe_args(num_experts, ep_size, k, noisy_gate_policy, mask_scope, dispatch, dropless, use_tutel)
         check_lambda_mode(lambda_mode)
         per_expert = mask_scope == "expert"
         template, keys = to_pad_expert(expert, per_expert)
@@ -79,8 +97,11 @@ class PADMoE(MoE, Packable):
                               lambda_mode, shared_mask=not per_expert, name=key)
                  for path, key in keys.items()}
         super().__init__(hidden_size, template, num_experts, ep_size, k, capacity_factor, eval_capacity_factor,
-                         min_capacity, use_residual, noisy_gate_policy, drop_tokens, use_rts, use_tutel,
-                         enable_expert_tensor_parallelism, top2_2nd_expert_sampling)
+                         min_capacity, use_residual, noisy_gate_policy, drop_tokens and not dropless, use_rts,
+                         use_tutel, enable_expert_tensor_parallelism, top2_2nd_expert_sampling)
+        # Same gate and experts (same parameter names), DeepSpeed's forward replaced by the filled-row dispatch.
+        self.deepspeed_moe = FilledMOELayer(self.deepspeed_moe, dispatch, dropless)
+        self.dropless = dropless
         self.lambda_mode = lambda_mode
         self.mask_scope = mask_scope
         self.k = k
@@ -141,6 +162,12 @@ class PADMoE(MoE, Packable):
         """Tokens this rank routed to each global expert in the latest forward (None before the first)."""
         return getattr(self.deepspeed_moe, "exp_counts", None)
 
+    def clear_last_outputs(self) -> None:
+        """Drop the latest forward's ``l_aux`` / expert counts: an engine's output hooks sit on them and would
+        keep a released engine alive."""
+        self.deepspeed_moe.l_aux = None
+        self.deepspeed_moe.exp_counts = None
+
     def dynamic_ratio(self) -> float:
         """Fraction of mask entries that are dynamic (per-expert masks: over this rank's experts)."""
         total = dynamic = 0
@@ -182,13 +209,26 @@ class PADMoE(MoE, Packable):
             self.pad[key] = unpack_unit(unit)
         self._bind()
 
+    def _slots(self) -> List[Tuple[str, Any, Any]]:
+        """(name prefix, holder, key) of every expert module: the local experts, then the residual MLP."""
+        experts = self.deepspeed_moe.experts.deepspeed_experts
+        slots: List[Tuple[str, Any, Any]] = [(f"deepspeed_moe.experts.deepspeed_experts.{i}.", experts, i)
+                                             for i in range(len(experts))]
+        if self.use_residual:
+            slots.append(("mlp.", self, "mlp"))
+        return slots
+
+    def _linears_at(self, path: str) -> List[Tuple[str, nn.Module]]:
+        """(name prefix, expert linear) at ``path`` of every expert module."""
+        out = []
+        for prefix, holder, key in self._slots():
+            owner = holder[key] if isinstance(key, int) else getattr(holder, key)
+            out.append((prefix + (path + "." if path else ""), owner.get_submodule(path) if path else owner))
+        return out
+
     def _replace_linears(self, path: str, convert: Callable[[nn.Module], nn.Module]) -> None:
         """Swap the expert linear at ``path`` of every expert module (local experts, residual MLP)."""
-        experts = self.deepspeed_moe.experts.deepspeed_experts
-        slots: List[Tuple[Any, Any]] = [(experts, i) for i in range(len(experts))]
-        if self.use_residual:
-            slots.append((self, "mlp"))
-        for holder, key in slots:
+        for _, holder, key in self._slots():
             owner = holder[key] if isinstance(key, int) else getattr(holder, key)
             if not path:  # the expert is a bare linear
                 new = convert(owner)
@@ -201,6 +241,36 @@ class PADMoE(MoE, Packable):
             parent = owner.get_submodule(parent_path) if parent_path else owner
             setattr(parent, leaf, convert(getattr(parent, leaf)))
 
+    def dense_sources(self) -> Dict[str, DenseSource]:
+        """{packed parameter (relative name): where its values sit in the dense layout}; packed layers only."""
+        out: Dict[str, DenseSource] = {}
+        for path, key in self._unit_of_path.items():
+            unit = self.pad[key]
+            out.update(unit.static_source(f"pad.{key}."))
+            for prefix, lin in self._linears_at(path):
+                positions = unit.positions if unit.shared_mask else lin.positions
+                out[prefix + "values"] = DenseSource(prefix + "weight", unit.weight_shape,
+                                                     partial(gather_at, positions=positions))
+        return out
+
+    def storage_sizes(self) -> Dict[str, Tuple[int, int]]:
+        out: Dict[str, Tuple[int, int]] = {}
+        for path, key in self._unit_of_path.items():
+            unit = self.pad[key]
+            p, value_bytes = unit.weight_shape.numel(), unit.static_tensor().element_size()
+            out.update(unit_sizes(unit, f"pad.{key}.", value_bytes))
+            for prefix, lin in self._linears_at(path):
+                packed = isinstance(lin, PackedExpertLinear)
+                own = lin.positions if packed else lin.mask
+                if packed:
+                    n = lin.values.numel()
+                else:
+                    n = int(torch.count_nonzero(lin.mask if own is not None else unit.mask))
+                out[prefix + ("values" if packed else "weight")] = (n * value_bytes, p * value_bytes)
+                if own is not None:
+                    out[prefix + ("positions" if packed else "mask")] = (4 * n, p)
+        return out
+
     # -- distributed -------------------------------------------------------------------------
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         # Called by the engine on every rank before any expert group exists: fail here, not in a collective.
@@ -209,6 +279,10 @@ class PADMoE(MoE, Packable):
             if world % self.ep_size:
                 raise ValueError(f"world size {world} is not divisible by ep_size={self.ep_size}: expert-parallel "
                                  "groups tile the ranks, so launch a multiple of ep_size ranks or change ep_size")
+        if self.deepspeed_moe.ep_group is not None:
+            # An engine rebuilt around this layer (the switch to packed storage): the groups exist and the
+            # layer holds them already; DeepSpeed's gate refuses to be given its group twice.
+            return
         super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
 
     # -- forward -----------------------------------------------------------------------------
@@ -237,7 +311,8 @@ class PADMoE(MoE, Packable):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, ep_size={self.ep_size}, k={self.k}, " \
-               f"lambda_mode={self.lambda_mode!r}, mask_scope={self.mask_scope!r}"
+               f"lambda_mode={self.lambda_mode!r}, mask_scope={self.mask_scope!r}, " \
+               f"dispatch={self.deepspeed_moe.dispatch!r}, dropless={self.dropless}"
 
 
 def pad_moe_layers(model: nn.Module) -> Dict[str, PADMoE]:

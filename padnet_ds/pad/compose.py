@@ -90,9 +90,9 @@ class Composition:
         held = (self.static, self.mdyn, self.static_mask, self.scaled_static, self.workspace)
         return [t for t in held if t is not None]
 
-    def compose(self, weight: Tensor) -> Tensor:
-        """``S + Md * W_e`` in the shared workspace (valid until the next expert composes)."""
-        return torch.addcmul(self.static, self.mdyn, weight, out=self.workspace)
+    def compose(self, weight: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``S + Md * W_e`` into ``out``, by default the shared workspace (valid until the next expert composes)."""
+        return torch.addcmul(self.static, self.mdyn, weight, out=self.workspace if out is None else out)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """``F.linear(x, W_eff, bias)`` for one expert's ``W_e``/``b_e``."""
@@ -263,6 +263,16 @@ class PADUnit(nn.Module):
     def lambdas(self) -> Tuple[Tensor, Tensor]:
         """(lambda_d, lambda_s) as 0-d tensors carrying gradient to ``phi`` where it is learned."""
         return lambda_pair(self.lambda_mode, self.phi.view(()))
+
+    def _shared_only(self) -> None:
+        if not self.shared_mask:
+            raise ValueError(f"PAD weight {self.name!r} uses per-expert masks (mask_scope='expert'): ask the layer "
+                             "for its experts' ratios")
+
+    def dynamic_ratio(self) -> float:
+        """Fraction of the shared mask's entries that are dynamic."""
+        self._shared_only()
+        return int(torch.count_nonzero(self.mask)) / self.mask.numel()
 
     def check_mask(self, mask: Tensor, what: str = "mask") -> Tensor:
         if tuple(mask.shape) != tuple(self.weight_shape):

@@ -35,7 +35,9 @@ bincount (0.5 / 6 ms, about 3x faster than ``nonzero``) and lives only until the
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,21 @@ from torch import Tensor, nn
 from .compose import PADUnit, check_lambda_mode, flat_dot
 
 MAX_POSITIONS = 2 ** 31 - 1  # int32
+PACKED_WEIGHTS = ("values", "static_values")  # parameter names of packed weights
+
+
+def is_packed_weight(name: str) -> bool:
+    """Whether a parameter name is a packed weight: a weight matrix stored as its kept entries (so
+    optimizer settings for matrices, such as weight decay, apply although it is 1-D)."""
+    return name.rpartition(".")[2] in PACKED_WEIGHTS
+
+
+@dataclass(frozen=True)
+class DenseSource:
+    """Where a packed parameter's values come from in the dense layout: ``take(dense) -> packed``."""
+    name: str  # the dense parameter's name
+    shape: torch.Size  # the dense parameter's shape
+    take: Callable[[Tensor], Tensor]
 
 
 # -- positions and conversions (shared by packing, export and resharding) ----------------------
@@ -279,6 +296,8 @@ class PackedUnit(PADUnit):
         self.shape = torch.Size(shape)
         self.shared_mask = positions is not None
         self.static_packed = self.shared_mask and not dense_static
+        # The dense shape travels with the state, so a checkpoint can be unpacked from its files alone.
+        self.register_buffer("dense_shape", torch.tensor(list(self.shape), dtype=torch.int64, device=phi.device))
         if self.shared_mask:
             self.register_buffer("positions", positions)
         if self.static_packed:
@@ -296,6 +315,17 @@ class PackedUnit(PADUnit):
 
     def static_tensor(self) -> Tensor:
         return self.static_values if self.static_packed else self.static_weight
+
+    def dynamic_ratio(self) -> float:
+        self._shared_only()
+        return self.positions.numel() / self.shape.numel()
+
+    def static_source(self, prefix: str) -> Dict[str, DenseSource]:
+        """``{prefix + "static_values": its dense source}`` ({} when the static weight is dense)."""
+        if not self.static_packed:
+            return {}
+        take = partial(gather_at, positions=complement_of(self.positions, self.shape.numel()))
+        return {prefix + "static_values": DenseSource(prefix + "static_weight", self.shape, take)}
 
     def _final(self) -> ValueError:
         return ValueError(f"PAD weight {self.name!r} is packed: its mask is final (only the values at its dynamic "
@@ -384,6 +414,17 @@ class Packable:
     def unpack(self) -> None:
         raise NotImplementedError
 
+    def dense_sources(self) -> Dict[str, DenseSource]:
+        """Packed layer: {packed parameter name (relative): its dense source}."""
+        raise NotImplementedError
+
+    def storage_sizes(self) -> Dict[str, Tuple[int, int]]:
+        """{relative name: (bytes packed, bytes dense)} of every tensor the two layouts hold
+        differently (factors, static weights, masks vs positions, the recorded dense shape), dense or
+        packed layer alike, counted at the current element sizes (parameters) and as bool masks /
+        int32 positions; a tensor only one layout has is named as that layout names it."""
+        raise NotImplementedError
+
 
 def pack_model(model: nn.Module) -> List[str]:
     """Pack every PAD layer of ``model`` in place under its current masks; returns their names.
@@ -408,3 +449,39 @@ def unpack_model(model: nn.Module) -> List[str]:
 
 def is_packed(model: nn.Module) -> bool:
     return any(isinstance(m, PackedUnit) for m in model.modules())
+
+
+def _each_packable(model: nn.Module):
+    for name, m in model.named_modules():
+        if isinstance(m, Packable):
+            yield (name + "." if name else ""), m
+
+
+def dense_sources(model: nn.Module) -> Dict[str, DenseSource]:
+    """{packed parameter name: its dense source} over every packed layer of ``model`` (full names)."""
+    out: Dict[str, DenseSource] = {}
+    for prefix, layer in _each_packable(model):
+        if layer.packed:
+            for name, src in layer.dense_sources().items():
+                out[prefix + name] = DenseSource(prefix + src.name, src.shape, src.take)
+    return out
+
+
+def storage_sizes(model: nn.Module) -> Dict[str, Tuple[int, int]]:
+    """:meth:`Packable.storage_sizes` over every PAD layer of ``model`` (full names)."""
+    return {prefix + k: v for prefix, layer in _each_packable(model) for k, v in layer.storage_sizes().items()}
+
+
+def unit_sizes(unit: PADUnit, prefix: str, value_bytes: int) -> Dict[str, Tuple[int, int]]:
+    """:meth:`Packable.storage_sizes` of a unit's own tensors, packed or dense (per-expert masks: only the
+    recorded dense shape; their static weight is dense either way, the masks are the experts')."""
+    shape_bytes = {prefix + "dense_shape": (8 * len(unit.weight_shape), 0)}
+    if not unit.shared_mask:
+        return shape_bytes
+    p = unit.weight_shape.numel()
+    packed = isinstance(unit, PackedUnit)
+    dynamic = unit.positions.numel() if packed else int(torch.count_nonzero(unit.mask))
+    static_kept = p if packed and not unit.static_packed else p - dynamic
+    static_name = "static_values" if packed and unit.static_packed else "static_weight"
+    return {prefix + static_name: (static_kept * value_bytes, p * value_bytes),
+            prefix + ("positions" if packed else "mask"): (4 * dynamic, p), **shape_bytes}

@@ -1,9 +1,9 @@
 """``PartitionConfig``: the Iterative Mode Partition settings (docs/PAD.md section 4)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..settings import FieldError, Float, Int, Settings
 
@@ -35,6 +35,17 @@ class PartitionConfig(Settings):
     # explicitly: > 0 for upcycled experts (identical copies give dL/dM = 0), 0 only if they already differ.
     perturb_std: Optional[Float] = Field(None, ge=0, description="a relative std such as 0.01")
     seed: Int = 0  # for method "random"
+    # Packed storage once the mask is final (pad/packed.py): experts keep only their dynamic entries.
+    # auto: pack after the last partition step (in_training; the engine is rebuilt in process) or right
+    # after IMP (before_training); true: the same, and an error if there is nothing to pack; false: never.
+    pack: Literal["auto", True, False] = "auto"
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _pack_is_auto_or_a_bool(cls, value: Any) -> Any:
+        if value != "auto" and not isinstance(value, bool):  # 1 would pass as true
+            raise ValueError("must be auto, true or false")
+        return value
 
     @model_validator(mode="after")
     def _perturbation_is_stated(self) -> "PartitionConfig":
@@ -47,3 +58,8 @@ class PartitionConfig(Settings):
     @property
     def active(self) -> bool:
         return self.ratio < 1.0
+
+    @property
+    def packs(self) -> bool:
+        """Whether final masks are switched to packed storage (``pack`` auto or true)."""
+        return self.pack is not False

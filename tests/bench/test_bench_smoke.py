@@ -29,6 +29,7 @@ def test_gemm_quick(tmp_path):
     data = _load(out)
     _check(data, "gemm_efficiency")
     assert 0 < data["gemm_efficiency"] < 10
+    assert finite(data["grouped_kernel_vs_loop_per_shape"]["h256"])
 
 
 def test_authors_layer_quick(tmp_path):
@@ -63,6 +64,11 @@ def test_moe_step_quick(tmp_path):
     data = _load(out)
     _check(data, "step_ratio_vs_deepspeed_moe", "step_ratio_packed_vs_deepspeed_moe")
     assert set(data["step_ratio_packed_per_shape"]) == {"h256"}
+    for key in ("fill_fraction_per_shape", "fill_fraction_no_drop_per_shape",
+                "step_ratio_dropless_vs_deepspeed_no_drop_per_shape"):
+        assert finite(data[key]["h256"]), key
+    # k=2, capacity factor 1.25: at most 1/1.25 of DeepSpeed's rows can hold a token
+    assert 0.5 < data["fill_fraction_per_shape"]["h256"] <= 0.8 + 1e-9
     q1, q2, q3 = data["step_ratio_round_quartiles_per_shape"]["h256"]
     assert all(map(finite, (q1, q2, q3))) and 0 < q1 <= q2 <= q3
     for share in data["results"]["h256"]["overhead_share_of_moe_step"].values():

@@ -83,3 +83,19 @@ def test_unpack_restores_the_dense_layer_and_pack_model_finds_dyconv():
     close(forward_backward(layer, x)[0], forward_backward(dense, x)[0])
     with pytest.raises(ValueError, match="not packed"):
         layer.unpack()
+
+
+def test_dyconv_dense_sources_and_storage_sizes():
+    from padnet_ds.pad.packed import dense_sources, storage_sizes
+
+    dense, packed = dense_and_packed("both", seed=5)
+    sources = dense_sources(packed)
+    params = dict(dense.named_parameters())
+    assert sorted(sources) == ["pad.static_values", "values"]
+    for name, src in sources.items():
+        assert torch.equal(src.take(params[src.name]), dict(packed.named_parameters())[name])
+    assert len(storage_sizes(dense)) == 4  # kernels, static weight, mask, (packed: the dense shape)
+    assert sum(v[0] for v in storage_sizes(dense).values()) == sum(v[0] for v in storage_sizes(packed).values())
+    tensors = dict(packed.state_dict(keep_vars=True))
+    assert sum(v[0] for v in storage_sizes(packed).values()) == sum(tensors[k].numel() * tensors[k].element_size()
+                                                                    for k in storage_sizes(packed))

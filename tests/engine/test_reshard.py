@@ -19,6 +19,7 @@ from padnet_ds.engine.inspect import inspect_checkpoint
 from padnet_ds.engine.layout import CheckpointError
 from padnet_ds.engine.optim_files import zero_file
 from padnet_ds.engine.reshard import reshard
+from padnet_ds.pad.packed import mask_of
 from padnet_ds.settings import ConfigError
 from padnet_ds.testing import run_ranks
 
@@ -60,8 +61,12 @@ def runs_in_ranks(*runs):
 
 
 def final_masks(run):
-    ckpt = read_checkpoint(str(run))
-    return {k: t for k, t in ckpt.replicated.items() if k.endswith(".mask")}
+    """{unit: bool mask} of the run's latest checkpoint: its masks, or a packed one's positions as masks."""
+    state = read_checkpoint(str(run)).replicated
+    masks = {k[: -len(".mask")]: t for k, t in state.items() if k.endswith(".mask")}
+    masks.update({k[: -len(".positions")]: mask_of(t, state[k[: -len("positions")] + "dense_shape"].tolist())
+                  for k, t in state.items() if k.endswith(".positions")})
+    return masks
 
 
 def digest(folder):
@@ -149,6 +154,27 @@ def test_one_rank_resumes_on_two_and_two_on_four_with_zero1_resharded(stopped, p
     reshard(str(tmp_path / "two"), str(tmp_path / "four"), world=4, ep_size=4, zero_stage=1)
     got = run_ranks(train_in_ranks, 4, str(tmp_path / "four" / "config.yaml"), ["resume=true"])[0]
     assert_same_run(got, ref, "2 ranks ep_size 2 ZeRO 2 -> 4 ranks ep_size 4 ZeRO 1")
+
+
+@pytest.mark.slow
+def test_a_packed_checkpoint_resumes_at_another_layout_on_the_fly_and_resharded(stopped, pool, tmp_path):
+    """Cut right after the last partition step packed the experts (partition.pack auto): the packed
+    values go by global expert id with their positions, to 1 rank (reshard, ZeRO 1) and to ep_size 1
+    on 2 ranks (on the fly)."""
+    root, full = stopped
+    pool.run(train_in_ranks, "configs/smoke.yaml", [f"output_dir={tmp_path}/cut", *EXACT, "train.stop_at=8"])
+    assert inspect_checkpoint(str(tmp_path / "cut"))["packed"] and inspect_checkpoint(str(root / "full"))["packed"]
+    source = digest(tmp_path / "cut")
+    reshard(str(tmp_path / "cut"), str(tmp_path / "one"), world=1, ep_size=1, zero_stage=1)
+    assert digest(tmp_path / "cut") == source and inspect_checkpoint(str(tmp_path / "one"))["packed"]
+    one = run_ranks(train_in_ranks, 1, str(tmp_path / "one" / "config.yaml"), ["resume=true"])[0]
+    fly = pool.run(train_in_ranks, "configs/smoke.yaml", [f"output_dir={tmp_path}/cut", *EXACT, "resume=true",
+                                                          "moe.ep_size=1"])[0]
+    reference = final_masks(root / "full")
+    for got, run, what in ((one, "one", "packed, resharded to 1 rank ZeRO 1"), (fly, "cut", "packed, ep_size 2 -> 1")):
+        assert_same_run(got, full, what)
+        masks = final_masks(tmp_path / run)
+        assert masks.keys() == reference.keys() and all(torch.equal(masks[k], reference[k]) for k in masks), what
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -54,6 +54,9 @@ def test_deepspeed_launcher_run_writes_summary_tensorboard_and_a_checkpoint_insp
     assert summary["steps"] == 12 and summary["world_size"] == 2
     assert summary["dynamic_ratio"] == pytest.approx(0.5, abs=0.01)
     assert len(summary["partition_log"]) == 2
+    assert summary["packed"] is True  # partition.pack: auto, after the last partition step (step 8)
+    for what in ("model_state_bytes", "checkpoint_bytes"):
+        assert 0 < summary[what]["packed"] < summary[what]["unpacked"], what
     for entry in summary["partition_log"]:
         assert len(entry["mask_digests"]) == 2 and entry["mask_digests"][0] == entry["mask_digests"][1]
     layers = summary["layers"]
@@ -82,6 +85,9 @@ def test_deepspeed_launcher_run_writes_summary_tensorboard_and_a_checkpoint_insp
     report = json.loads(info.stdout)
     assert report["ep_size"] == 2 and report["num_experts"] == 4 and len(report["moe_layers"]) == 2
     assert report["dynamic_ratio"] == pytest.approx(summary["dynamic_ratio"], abs=1e-6)
+    assert report["packed"] is True and all(u["packed"] for u in report["units"])
+    assert report["checkpoint_bytes"] == summary["checkpoint_bytes"]  # the same final checkpoint, read offline
+    assert report["model_state_bytes"] == summary["model_state_bytes"]
     for u in report["units"]:  # 4 experts, r: PAD stores (1-r)P + 4rP of the fully dynamic 4P
         p = u["params_fully_dynamic"] / 4
         assert u["params_pad"] == pytest.approx((1 - u["dynamic_ratio"]) * p + 4 * u["dynamic_ratio"] * p)

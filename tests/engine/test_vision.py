@@ -57,6 +57,7 @@ def test_two_rank_pad_resnet_partitions_to_30_percent_with_identical_masks_and_l
 
 def test_temperature_annealing_follows_the_epoch_and_is_checkpointed(pad_run):
     from padnet_ds.engine.image_task import build_model, load_data, vision_config
+    from padnet_ds.engine.packing import is_packed_state, pack_like
 
     out, (r0, _) = pad_run
     cfg = load_config(str(out / "config.yaml"))
@@ -71,6 +72,8 @@ def test_temperature_annealing_follows_the_epoch_and_is_checkpointed(pad_run):
     tag = (out / "checkpoints" / "latest").read_text().strip()
     state = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                        weights_only=False)["module"]
+    assert is_packed_state(state), "the run packs after its last partition step (partition.pack: auto)"
+    pack_like(model, state, "the vision run's checkpoint")
     model.load_state_dict(state)
     temps = {m.temperature for m in dyconv_modules(model)}
     assert len(temps) == 1 and temps.pop() == pytest.approx(expected, rel=1e-6)

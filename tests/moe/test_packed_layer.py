@@ -180,3 +180,33 @@ def test_unpack_gives_back_the_dense_layer_and_pack_model_walks_the_model():
         back.pack()
     with pytest.raises(ValueError, match="'fc1' is packed: its mask is final"):
         back.pad["fc1"].set_mask(torch.ones(F_, H))
+
+
+@pytest.mark.parametrize("scope", ["shared", "expert"])
+def test_dense_sources_and_storage_sizes_describe_both_layouts(scope):
+    from padnet_ds.pad.packed import dense_sources, storage_sizes
+
+    packed = partial_layer(seed=6, mask_scope=scope, use_residual=True)
+    dense = copy.deepcopy(packed)
+    packed.pack()
+    dense_params = dict(dense.named_parameters())
+    sources = dense_sources(packed)
+    assert sorted(sources) == sorted(n for n, p in packed.named_parameters() if n.endswith("values"))
+    for name, p in packed.named_parameters():
+        if name in sources:  # where every packed value sits in the dense layout
+            src = sources[name]
+            assert dense_params[src.name].shape == src.shape
+            assert torch.equal(src.take(dense_params[src.name]), p), name
+        else:
+            assert torch.equal(dense_params[name], p), name
+    # both layouts report the same sizes for the tensors they hold differently
+    sizes_dense, sizes_packed = storage_sizes(dense), storage_sizes(packed)
+    assert sum(v[0] for v in sizes_dense.values()) == sum(v[0] for v in sizes_packed.values())
+    assert sum(v[1] for v in sizes_dense.values()) == sum(v[1] for v in sizes_packed.values())
+    tensors = dict(packed.state_dict(keep_vars=True))
+    assert sum(v[0] for v in sizes_packed.values()) == sum(tensors[k].numel() * tensors[k].element_size()
+                                                           for k in sizes_packed)
+    dense_tensors = dict(dense.state_dict(keep_vars=True))
+    assert sum(v[1] for v in sizes_dense.values()) == sum(dense_tensors[k].numel() * dense_tensors[k].element_size()
+                                                          for k in sizes_dense if k in dense_tensors)
+    assert all(sizes_dense[k][1] == 0 for k in sizes_dense if k not in dense_tensors)  # packed units' dense shapes
