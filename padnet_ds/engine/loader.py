@@ -87,7 +87,9 @@ def optimizer_steps(task: Task, batches: GlobalBatches, state: LoopState) -> Ite
     """Endless ``(epoch position, micro-batches)`` per optimizer step, continuing from ``state``.
 
     ``micro-batches`` is a lazy iterator of ``grad_accum`` batches (each collated when the step
-    asks for it); the epoch position is the fractional epoch at the step's first row.
+    asks for it); the epoch position is ``epoch + step in epoch / steps per epoch`` (what a
+    ``DistributedSampler`` loader's ``batch / len(loader)`` gives with ``grad_accum`` 1, and the
+    same at any layout with the same global batch), so an epoch's last step is just below ``epoch + 1``.
     ``state.epoch`` / ``state.rows_in_epoch`` advance as steps are handed out, so a checkpoint
     written during a step resumes after it.
     """
@@ -96,7 +98,8 @@ def optimizer_steps(task: Task, batches: GlobalBatches, state: LoopState) -> Ite
         while state.rows_in_epoch + batches.size <= batches.rows:
             start = state.rows_in_epoch
             state.rows_in_epoch = start + batches.size
-            yield state.epoch + start / batches.rows, micro_batches(task, batches, order[start:state.rows_in_epoch])
+            position = state.epoch + start / (batches.size * batches.steps_per_epoch)
+            yield position, micro_batches(task, batches, order[start:state.rows_in_epoch])
         state.epoch += 1
         state.rows_in_epoch = 0
 

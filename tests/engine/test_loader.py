@@ -75,7 +75,7 @@ def test_steps_are_whole_and_positions_and_resume_mid_epoch_exact():
     batches = train_batches(task, cfg, cfg.seed)  # one rank: 4 rows per step, 2 steps per epoch, 2 rows left over
     full = [(pos, [ids(b) for b in micro]) for pos, micro in itertools.islice(optimizer_steps(task, batches,
                                                                                                 LoopState()), 6)]
-    assert [pos for pos, _ in full] == [0.0, 0.4, 1.0, 1.4, 2.0, 2.4]
+    assert [pos for pos, _ in full] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]  # steps of the epoch, not rows
     for epoch in range(3):
         rows = [i for _, micro in full[2 * epoch:2 * epoch + 2] for b in micro for i in b]
         assert len(set(rows)) == 8 and set(rows) <= set(range(10))
