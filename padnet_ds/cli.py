@@ -3,14 +3,26 @@
 Run under any launcher (``deepspeed``, ``torchrun``, ``mpirun``) or as one process. The
 ``deepspeed`` launcher appends ``--local_rank=N``; it is accepted and ignored (the rank
 comes from the environment).
+
+Exit status: 0, or 2 for bad input (:class:`~padnet_ds.errors.InputError`, a missing file): the
+message names the key or file and no traceback is printed; 1 for anything else. In a multi-rank
+job the rank that fails exits at once (``os._exit``: no interpreter shutdown that could wait on
+a collective), so the launcher stops the others; a rank whose collective failed because another
+rank went away says so in one line and waits for the launcher to stop it, so the launcher
+reports the failing rank's exit status and the user reads that rank's message.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+import time
+import traceback
 from typing import List, Optional
+
+PEER_GRACE_S = 10.0  # how long a rank whose peer failed waits to be stopped by the launcher
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a PAD-MoE model (YAML config + key=value overrides)")
     t.add_argument("config", help="run config YAML, e.g. configs/smoke.yaml")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 output_dir=runs/x resume=true")
-    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
-    e.add_argument("checkpoint", help="run folder (output_dir) or its checkpoints/ folder")
+    e = sub.add_parser("eval", help="evaluate the newest intact checkpoint of a run")
+    e.add_argument("checkpoint", help="run folder (output_dir), its checkpoints/ folder, or one tag folder")
     e.add_argument("overrides", nargs="*", help="data.* overrides to evaluate on other data, e.g. data.task=mrpc")
     s = sub.add_parser("study", help="dense vs fully dynamic MoE vs PAD at several ratios (+ random ablation)")
     s.add_argument("config", help="base run config, e.g. configs/study.yaml")
@@ -43,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from .engine.layout import CheckpointError
-    from .settings import ConfigError
+    from .comm import peer_failed
+    from .errors import InputError
 
     try:
         if args.command == "train":
@@ -56,9 +68,42 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "reshard":
             return _reshard(args)
         return _inspect(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        print(f"padnet-ds: error: {err}", file=sys.stderr)
-        return 2
+    except (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        return _fail(f"error: {err}", 2)
+    except Exception as err:  # noqa: BLE001 - decides how a rank of a multi-rank job ends
+        if not _distributed():
+            raise
+        if peer_failed(err):
+            return _fail(f"stopped: another rank failed (see that rank's message): {_first_line(err)}",
+                         1, grace=PEER_GRACE_S)
+        traceback.print_exc()
+        return _fail(None, 1)
+
+
+def _distributed() -> bool:
+    from .comm import dist_on, world_size
+
+    return dist_on() and world_size() > 1
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def _fail(message: Optional[str], code: int, grace: float = 0.0) -> int:
+    """Print ``message`` (with the rank in a multi-rank job); in one, end this rank now."""
+    from .comm import rank
+
+    if not _distributed():
+        if message:
+            print(f"padnet-ds: {message}", file=sys.stderr)
+        return code
+    if message:
+        print(f"padnet-ds (rank {rank()}): {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(grace)
+    os._exit(code)
 
 
 def _train(args) -> int:

@@ -114,3 +114,12 @@ def max_over_ranks(values: Sequence[float]) -> List[float]:
 def barrier() -> None:
     if dist_on():
         dist.barrier()
+
+
+# What a collective reports when another rank went away (gloo's TCP transport; NCCL's abort).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+
+
+def peer_failed(err: BaseException) -> bool:
+    """True when ``err`` is a collective (or the rendezvous) failing because another rank died."""
+    return isinstance(err, getattr(dist, "DistError", ())) or any(s in str(err) for s in PEER_GONE)

@@ -24,6 +24,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict, ValidationE
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from .errors import InputError
+
 
 def _not_a_bool(value: Any) -> Any:
     if isinstance(value, bool):  # pydantic would read true as 1.0
@@ -38,7 +40,7 @@ Float = Annotated[float, BeforeValidator(_not_a_bool)]
 S = TypeVar("S", bound="Settings")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A setting a run cannot use; the message names the dotted key, what is allowed, and the fix."""
 
 

@@ -6,9 +6,13 @@ ids HF's `glue` uses, so a model trained on one evaluates the same on the other.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 
+from ..errors import DataError
+from ..files import read_text
+from ..settings import ConfigError
 from .splits import TaskSpec, TextSplit
 
 _BINARY = {"0": 0, "1": 1}
@@ -66,7 +70,7 @@ def task(name: str) -> GlueTask:
     """Look a task up by any usual spelling: "SST-2", "sst2", "sts_b", "MNLI"."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in TASKS:
-        raise ValueError(f"unknown GLUE task {name!r}; choose one of {', '.join(TASKS)}")
+        raise ConfigError(f"data.task={name!r} is not a GLUE task; choose one of {', '.join(TASKS)}")
     return TASKS[key]
 
 
@@ -81,30 +85,36 @@ def load(name: str, glue_dir: str | None = None, hub_path: str = "nyu-mll/glue"
 
 # ---- local glue_data -----------------------------------------------------------------------
 
-def read_local(t: GlueTask, glue_dir: str) -> tuple[TextSplit, TextSplit]:
+def local_files(t: GlueTask, glue_dir: str) -> tuple[str, str]:
+    """(train, dev) TSV paths of task ``t`` in ``glue_dir``; missing ones are errors naming the path."""
     if not os.path.isdir(glue_dir):
         raise FileNotFoundError(
-            f"GLUE data folder {glue_dir!r} does not exist; expected the standard glue_data layout "
+            f"data.glue_dir: GLUE data folder {glue_dir!r} does not exist; expected the standard glue_data layout "
             f"<glue_dir>/<TASK>/train.tsv and dev.tsv (e.g. {os.path.join(glue_dir, 'SST-2', 'train.tsv')}), "
             "or leave glue_dir unset to load from the hub")
-    folder = os.path.join(glue_dir, t.folder)
-    return tuple(_read_tsv(t, os.path.join(folder, f)) for f in ("train.tsv", t.dev_file))
+    paths = tuple(os.path.join(glue_dir, t.folder, f) for f in ("train.tsv", t.dev_file))
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"GLUE {t.name} file {path!r} is missing; expected train.tsv and {t.dev_file} in the task folder "
+                f"{os.path.join(glue_dir, t.folder)!r} (standard glue_data layout)")
+    return paths
+
+
+def read_local(t: GlueTask, glue_dir: str) -> tuple[TextSplit, TextSplit]:
+    return tuple(_read_tsv(t, path) for path in local_files(t, glue_dir))
 
 
 def _read_tsv(t: GlueTask, path: str) -> TextSplit:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"GLUE {t.name} file {path!r} is missing; expected {os.path.join(os.path.dirname(path), 'train.tsv')} "
-            f"and {t.dev_file} in the task folder {t.folder!r} (standard glue_data layout)")
-    # utf-8-sig drops MRPC's BOM; QUOTE_NONE because GLUE text has unbalanced quotes.
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    # read_text drops MRPC's BOM; QUOTE_NONE because GLUE text has unbalanced quotes.
+    with io.StringIO(read_text(path), newline="") as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if t.header:
             found = next(rows, [])
             wanted = (*t.tsv_columns, t.tsv_label)
             missing = [c for c in wanted if c not in found]
             if missing:
-                raise ValueError(f"{path}: missing column(s) {missing} for GLUE {t.name}; "
+                raise DataError(f"{path}: missing column(s) {missing} for GLUE {t.name}; "
                                  f"columns found: {found}")
             cols = [found.index(c) for c in wanted]
         else:
@@ -115,7 +125,7 @@ def _read_tsv(t: GlueTask, path: str) -> TextSplit:
             if not row:
                 continue
             if len(row) <= max(cols):
-                raise ValueError(f"{path}, line {line}: {len(row)} tab-separated fields, expected at "
+                raise DataError(f"{path}, line {line}: {len(row)} tab-separated fields, expected at "
                                  f"least {max(cols) + 1} (a stray tab or line break in the text?)")
             for out, c in zip(texts, cols):
                 out.append(row[c])
@@ -128,14 +138,14 @@ def _label(t: GlueTask, value, where: str):
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: {t.name} score {value!r} is not a number") from None
+            raise DataError(f"{where}: {t.name} score {value!r} is not a number") from None
     if isinstance(value, str):
         if value in t.label_map:
             return t.label_map[value]
     elif isinstance(value, int) and 0 <= value < len(t.label_names):
         return value  # hub rows carry the id already
     allowed = sorted(t.label_map) if isinstance(value, str) else list(range(len(t.label_names)))
-    raise ValueError(f"{where}: label {value!r} is not a {t.name} label; allowed: {allowed}")
+    raise DataError(f"{where}: label {value!r} is not a {t.name} label; allowed: {allowed}")
 
 
 # ---- hub -----------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ..errors import DataError
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -59,5 +61,5 @@ def holdout(split: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, Te
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(split) * fraction))
     if n_eval >= len(split):
-        raise ValueError(f"cannot hold out {fraction:.0%} of {len(split)} rows and keep any for training")
+        raise DataError(f"cannot hold out {fraction:.0%} of {len(split)} rows and keep any for training")
     return split.select(sorted(order[n_eval:])), split.select(sorted(order[:n_eval]))

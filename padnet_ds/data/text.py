@@ -9,7 +9,17 @@ from . import glue, rotten_tomatoes, text_files
 from .config import SOURCES, TextDataConfig
 from .splits import TaskSpec, TextSplit, subsample
 
-__all__ = ["SOURCES", "TaskSpec", "TextDataConfig", "TextSplit", "load_text_task"]
+__all__ = ["SOURCES", "TaskSpec", "TextDataConfig", "TextSplit", "check_text_files", "load_text_task"]
+
+
+def check_text_files(cfg: TextDataConfig) -> None:
+    """What can be checked about ``cfg``'s data without reading it: the GLUE task, files and folders exist."""
+    if cfg.source == "glue":
+        task = glue.task(cfg.task)
+        if cfg.glue_dir is not None:
+            glue.local_files(task, cfg.glue_dir)
+    elif cfg.source == "files":
+        text_files.check_files(cfg)
 
 
 def load_text_task(cfg: TextDataConfig) -> tuple[TaskSpec, TextSplit, TextSplit]:

@@ -7,10 +7,14 @@ the model was trained on. `regression` reads floats instead.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import NamedTuple
 
+from ..errors import DataError
+from ..files import read_text
+from ..settings import ConfigError
 from .config import TextDataConfig
 from .splits import TaskSpec, TextSplit, holdout
 
@@ -25,10 +29,22 @@ class Rows(NamedTuple):
     lines: list
 
 
-def load(cfg: TextDataConfig) -> tuple[TaskSpec, TextSplit, TextSplit]:
+def check_files(cfg: TextDataConfig) -> None:
+    """data.train_file is set, and it and data.eval_file exist with a known extension (before anything is built)."""
     if cfg.train_file is None:
-        raise ValueError("source 'files' needs train_file (a .csv, .tsv or .jsonl file); "
-                         "eval_file is optional")
+        raise ConfigError("data.train_file is required with data.source=files (a .csv, .tsv or .jsonl file); "
+                          "data.eval_file is optional")
+    for key, path in (("data.train_file", cfg.train_file), ("data.eval_file", cfg.eval_file)):
+        if path is None:
+            continue
+        if os.path.splitext(path)[1].lower() not in FORMATS:
+            raise ConfigError(f"{key}={path!r}: unknown file type; use one of {', '.join(FORMATS)}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}: text data file {path!r} does not exist")
+
+
+def load(cfg: TextDataConfig) -> tuple[TaskSpec, TextSplit, TextSplit]:
+    check_files(cfg)
     train_raw = read_rows(cfg.train_file, cfg.text_columns, cfg.label_column)
     eval_raw = None if cfg.eval_file is None else read_rows(cfg.eval_file, cfg.text_columns, cfg.label_column)
 
@@ -49,12 +65,12 @@ def load(cfg: TextDataConfig) -> tuple[TaskSpec, TextSplit, TextSplit]:
 def read_rows(path: str, text_columns, label_column) -> Rows:
     fmt = FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
-        raise ValueError(f"{path!r}: unknown file type; use one of {', '.join(FORMATS)}")
+        raise DataError(f"{path!r}: unknown file type; use one of {', '.join(FORMATS)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text data file {path!r} does not exist")
     wanted = [*text_columns, label_column]
     texts, labels, lines = [[] for _ in text_columns], [], []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         if fmt == "jsonl":
             records = ((n, _json(path, n, s)) for n, s in enumerate(f, start=1) if s.strip())
         else:
@@ -66,13 +82,13 @@ def read_rows(path: str, text_columns, label_column) -> Rows:
         for line, rec in records:
             _check_columns(f"{path}, line {line}", wanted, list(rec))
             if any(rec[c] is None for c in wanted):
-                raise ValueError(f"{path}, line {line}: too few fields for columns {wanted}")
+                raise DataError(f"{path}, line {line}: too few fields for columns {wanted}")
             for out, c in zip(texts, text_columns):
                 out.append(str(rec[c]))
             labels.append(rec[label_column])
             lines.append(line)
     if not labels:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     return Rows(path, texts, labels, lines)
 
 
@@ -80,16 +96,16 @@ def _json(path: str, line: int, s: str) -> dict:
     try:
         rec = json.loads(s)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {line}: not valid JSON ({e}); expected one object per line") from None
+        raise DataError(f"{path}, line {line}: not valid JSON ({e}); expected one object per line") from None
     if not isinstance(rec, dict):
-        raise ValueError(f"{path}, line {line}: expected a JSON object per line, got {type(rec).__name__}")
+        raise DataError(f"{path}, line {line}: expected a JSON object per line, got {type(rec).__name__}")
     return rec
 
 
 def _check_columns(where: str, wanted, found) -> None:
     missing = [c for c in wanted if c not in found]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; columns found: {list(found)}. "
+        raise DataError(f"{where}: missing column(s) {missing}; columns found: {list(found)}. "
                          "Set text_columns / label_column to the file's column names.")
 
 
@@ -108,13 +124,13 @@ def _labeler(cfg: TextDataConfig, train_labels: list):
             try:
                 return float(v)
             except (TypeError, ValueError):
-                raise ValueError(f"{where}: label {v!r} is not a number (regression=True)") from None
+                raise DataError(f"{where}: label {v!r} is not a number (regression=True)") from None
         return (), to_float
 
     if cfg.labels is None and all(_is_int(v) for v in train_labels):
         ids = [int(v) for v in train_labels]
         if min(ids) < 0:
-            raise ValueError(f"{cfg.train_file}: integer labels must be >= 0 (found {min(ids)}); "
+            raise DataError(f"{cfg.train_file}: integer labels must be >= 0 (found {min(ids)}); "
                              "pass labels=(...) to map them explicitly")
         names = tuple(str(i) for i in range(max(ids) + 1))
     else:
@@ -124,7 +140,7 @@ def _labeler(cfg: TextDataConfig, train_labels: list):
     def to_id(v, where):
         key = str(int(v)) if cfg.labels is None and _is_int(v) else str(v)
         if key not in ids:
-            raise ValueError(f"{where}: label {v!r} is not in the label set {list(names)}; "
+            raise DataError(f"{where}: label {v!r} is not in the label set {list(names)}; "
                              "pass labels=(...) listing every label, or fix the row")
         return ids[key]
     return names, to_id

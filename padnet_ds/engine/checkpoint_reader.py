@@ -12,19 +12,29 @@ A tag folder (``checkpoints/stepN/``) holds DeepSpeed's files:
 ``replicated`` {key: tensor} and ``experts`` {MoE layer path: {global expert id: {name: tensor}}},
 with ``name`` relative to the expert (``fc1.weight``, ``fc1.mask``). ``inspect`` reads
 checkpoints through it; export, resharding and ``init_from`` build on it.
+
+A run folder resolves to its newest tag that verifies against its manifest (older ones are
+used, with a warning, when a newer one is damaged); a tag folder named explicitly must verify.
+Every file is read with :func:`padnet_ds.files.safe_load`.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import yaml
 
-from .checkpoint import CLIENT_KEY, FOOTPRINT_KEY, latest_tag
+from ..commit import MANIFEST, PARTIAL, choose_tag
+from ..errors import CheckpointError
+from ..files import safe_load
+from .checkpoint import CLIENT_KEY, FOOTPRINT_KEY
 from .layout import Layout, of_checkpoint
+from .run_dir import RunDir
+
+log = logging.getLogger("padnet_ds")
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt")
@@ -55,35 +65,55 @@ class CheckpointState:
                 for layer, by_id in self.experts.items() for gid, state in by_id.items() for name, t in state.items()}
 
 
-def resolve(path: str) -> Tuple[Path, Path]:
-    """(run folder, tag folder) from a run folder, its checkpoints/ folder, or one tag folder."""
+def locate(path: str) -> Tuple[Path, Path, Optional[str]]:
+    """(run folder, checkpoints folder, the tag ``path`` names or None) for a run folder (output_dir),
+    its checkpoints/ folder, or one tag folder. Nothing is verified yet."""
     p = Path(path)
-    for run, ckpt, tag in ((p, p / "checkpoints", None), (p.parent, p, None), (p.parent.parent, p.parent, p.name)):
-        if (ckpt / "latest").is_file() or (tag and (ckpt / tag).is_dir()):
-            tag = tag or latest_tag(ckpt)
-            if (ckpt / tag / MODEL_STATES).is_file():
-                return run, ckpt / tag
-    raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint: give a run folder (output_dir), its "
-                            "checkpoints/ folder, or a checkpoint tag folder")
+    if not p.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: give a run folder (output_dir), its checkpoints/ folder, "
+                                "or a checkpoint tag folder")
+    if (p / MANIFEST).is_file() or (p / MODEL_STATES).is_file() or p.name.endswith(PARTIAL):
+        return p.parent.parent, p.parent, p.name
+    if (p / "checkpoints").is_dir():
+        return p, p / "checkpoints", None
+    return p.parent, p, None
+
+
+def resolve(path: str, collective: bool = False) -> Tuple[Path, Path]:
+    """(run folder, tag folder): the tag ``path`` names, or the newest one that verifies.
+
+    ``collective=True``: every rank calls it and each hashes a share of the files."""
+    run, ckpt, named = locate(path)
+    tag, skipped = choose_tag(ckpt, named, collective=collective)
+    for why in skipped:
+        log.warning("checkpoint %s; using the older %s", why, tag)
+    return run, ckpt / tag
 
 
 def read_experts(tag_dir: Path) -> ExpertStates:
     experts: ExpertStates = {}
     for f in sorted(tag_dir.iterdir()):
         if EXPERT_FILE.fullmatch(f.name):
-            for key, t in torch.load(f, map_location="cpu", weights_only=False).items():
+            for key, t in _mapping(f, safe_load(f)).items():
                 m = EXPERT_KEY.fullmatch(key)
                 if m:
                     experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
     return experts
 
 
+def _mapping(path: Path, obj: Any, key: Optional[str] = None) -> Dict[str, Any]:
+    value = obj.get(key) if key is not None and isinstance(obj, dict) else obj
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint file {path} does not hold DeepSpeed {'model' if key else 'expert'} states")
+    return value
+
+
 def read_checkpoint(path: str) -> CheckpointState:
-    """The checkpoint ``path`` names (latest tag of a run folder by default), on the CPU."""
+    """The checkpoint ``path`` names (the newest verified tag of a run folder by default), on the CPU."""
     run, tag_dir = resolve(path)
-    config_file = run / "config.yaml"
-    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
-    states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
-    return CheckpointState(run=run, tag_dir=tag_dir, config=config, replicated=dict(states["module"]),
+    states = safe_load(tag_dir / MODEL_STATES)
+    module = _mapping(tag_dir / MODEL_STATES, states, "module")
+    config = RunDir(str(run)).saved_config()
+    return CheckpointState(run=run, tag_dir=tag_dir, config=config, replicated=dict(module),
                            experts=read_experts(tag_dir), loop_state=dict(states.get(CLIENT_KEY) or {}),
                            footprint=dict(states.get(FOOTPRINT_KEY) or {}), layout=of_checkpoint(states, config))

@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from ..data.config import TextDataConfig
+from ..files import read_text
 from ..models.encoder import MoEConfig
 from ..partition.config import PartitionConfig
 from ..settings import Bool, ConfigError, FieldError, Float, Int, Settings
@@ -111,7 +112,11 @@ def parse_overrides(pairs: Sequence[str]) -> Dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r} is not key=value (e.g. train.steps=100)")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({_yaml_problem(err)}); quote "
+                              "text that holds ':' or brackets") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -140,10 +145,20 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {path} not found (configs/ has the shipped ones, e.g. configs/smoke.yaml)")
-        values = yaml.safe_load(p.read_text()) or {}
+        try:
+            values = yaml.safe_load(read_text(p)) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of settings")
     return config_from_dict(merge(values, parse_overrides(overrides)))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's complaint with its 1-based line and column."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
 
 
 def to_dict(cfg: Settings) -> Dict[str, Any]:

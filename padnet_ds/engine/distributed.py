@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from .. import _env  # noqa: F401
-from ..comm import free_port
+from ..comm import dist_on, free_port, world_size
+from ..settings import ConfigError
+
+
+class Layout(NamedTuple):
+    rank: int
+    world: int
+    local_rank: int
 
 
 def accelerator_is_cpu() -> bool:
@@ -35,6 +42,36 @@ def adopt_mpi_env() -> bool:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     return True
+
+
+def launch_layout() -> Layout:
+    """This process's place in the job, read from the launcher's environment (no process group needed),
+    so that every check that depends on it runs before ``init_distributed``. One process: (0, 1, 0)."""
+    adopt_mpi_env()
+    values = {}
+    for key, low in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("MASTER_PORT", 1)):
+        raw = os.environ.get(key)
+        if raw is None:
+            continue
+        try:
+            values[key] = int(raw)
+        except ValueError:
+            raise ConfigError(f"environment variable {key}={raw!r} is not an integer (set by the launcher: "
+                              "deepspeed, torchrun or mpirun)") from None
+        if values[key] < low or (key == "MASTER_PORT" and values[key] > 65535):
+            raise ConfigError(f"environment variable {key}={raw} is out of range")
+    world = values.get("WORLD_SIZE", 1)
+    if values.get("RANK", 0) >= world:
+        raise ConfigError(f"environment variable RANK={values['RANK']} must be below WORLD_SIZE={world}")
+    if ("RANK" in values) != ("WORLD_SIZE" in values):
+        raise ConfigError("the environment sets only one of RANK and WORLD_SIZE: launch with deepspeed, torchrun "
+                          "or mpirun, or set both")
+    return Layout(values.get("RANK", 0), world, values.get("LOCAL_RANK", 0))
+
+
+def launch_world() -> int:
+    """The world size: the process group's if it exists, else the launcher's (:func:`launch_layout`)."""
+    return world_size() if dist_on() else launch_layout().world
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> None:

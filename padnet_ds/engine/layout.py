@@ -23,9 +23,6 @@ from torch import nn
 from ..comm import world_size
 from ..settings import ConfigError
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as asked (missing or damaged file, another model): the message names it."""
-
 
 LAYOUT_KEY = "padnet_layout"  # the layout record's key in DeepSpeed's client state
 EXPERT_NAME = re.compile(r"(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)")

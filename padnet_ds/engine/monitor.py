@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -11,14 +11,18 @@ from ..comm import rank
 
 
 class Monitor:
-    """TensorBoard on rank 0 (a no-op elsewhere)."""
+    """TensorBoard on rank 0 (a no-op elsewhere).
 
-    def __init__(self, logdir: Path, enabled: bool) -> None:
+    ``purge_step``: TensorBoard hides every event at this step or later that earlier event files
+    of ``logdir`` hold (a resumed run replays the steps after its checkpoint).
+    """
+
+    def __init__(self, logdir: Path, enabled: bool, purge_step: Optional[int] = None) -> None:
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(logdir))
+            self.writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
         if self.writer is None:

@@ -38,7 +38,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .layout import EXPERT_NAME, CheckpointError, Layout, global_expert_name
+from ..errors import CheckpointError
+from ..files import safe_load
+from .layout import EXPERT_NAME, Layout, global_expert_name
 from .optim_state import ParamState
 
 Wanted = Optional[Callable[[str], bool]]
@@ -51,18 +53,6 @@ class OptimizerState:
     step: int  # the optimizer's step count (Adam's bias correction)
     keys: List[str]  # moment names, e.g. exp_avg, exp_avg_sq
     params: Dict[str, ParamState] = field(default_factory=dict)  # by name, experts by global id
-
-
-def load_file(path: Path) -> Any:
-    """One checkpoint file, or a :class:`CheckpointError` naming it (missing, truncated, not torch's)."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing: the checkpoint is incomplete (was it copied "
-                              "whole?); resume from an earlier checkpoint or copy the file back")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
-        raise CheckpointError(f"checkpoint file {path} cannot be read ({type(err).__name__}: {err}); it is "
-                              "truncated or damaged: resume from an earlier checkpoint") from None
 
 
 def zero_file(tag_dir: Path, rank: int, bf16: bool) -> Path:
@@ -102,7 +92,7 @@ def _read_zero(files: List[Path], states: Dict[str, Any], layout: Layout, wanted
     pieces: Dict[str, List[Tuple[Tensor, Dict[str, Tensor]]]] = defaultdict(list)
     steps, keys = set(), None
     for rank, path in enumerate(files):  # rank order: each parameter's pieces come in the order they join
-        sd = load_file(path).get("optimizer_state_dict") or {}
+        sd = safe_load(path).get("optimizer_state_dict") or {}
         try:
             base = sd["base_optimizer_state"]
             group_states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
@@ -155,7 +145,7 @@ def _read_stage0(files: List[Path], layout: Layout, weights: Dict[str, Tensor], 
     params: Dict[str, ParamState] = {}
     steps, keys = set(), []
     for p, path in enumerate(files):  # file p was written by rank p (expert-data-parallel rank 0)
-        sd = load_file(path).get("optimizer") or {}
+        sd = safe_load(path).get("optimizer") or {}
         copies = sd.get("fp32_groups")  # bf16: DeepSpeed's fp32 copy per parameter
         torch_sd = sd.get("optimizer_state_dict", sd)
         for g, group in enumerate(torch_sd.get("param_groups", [])):

@@ -77,13 +77,14 @@ def check_packed_checkpoint(ckpt: CheckpointState) -> None:
                          -1 if positions is None else positions.numel(), "dynamic", where)
 
 
-def starting_checkpoint(cfg: RunConfig, run_dir: RunDir) -> Optional[CheckpointState]:
-    """The checkpoint a run starts from (``init_from``, or ``resume``'s latest), read from its files and
-    checked against ``partition.pack`` on every rank, before anything is written; None for a fresh run."""
+def starting_checkpoint(cfg: RunConfig, run_dir: RunDir, resume_tag: Optional[str]) -> Optional[CheckpointState]:
+    """The checkpoint a run starts from (``init_from``, or ``resume_tag``, the verified tag resume chose),
+    read from its files and checked against ``partition.pack`` on every rank, before anything is written;
+    None for a fresh run."""
     if cfg.init_from is not None:
         ckpt, how = read_checkpoint(cfg.init_from), f"init_from={cfg.init_from}"
-    elif cfg.resume and run_dir.has_checkpoint():
-        ckpt, how = read_checkpoint(str(run_dir.root)), "resume=true"
+    elif resume_tag is not None:
+        ckpt, how = read_checkpoint(str(run_dir.checkpoints / resume_tag)), "resume=true"
     else:
         return None
     packed = is_packed_state(ckpt.replicated) or any(is_packed_state(state) for by_id in ckpt.experts.values()

@@ -38,13 +38,15 @@ import torch
 import yaml
 
 from ..comm import rank
-from ..files import atomic_torch_save, atomic_write_text
+from ..commit import write_tag
+from ..errors import CheckpointError
+from ..files import atomic_torch_save, atomic_write_text, safe_load
 from ..partition.partitioner import PORTABLE_FILE, STATE_FILE, read_portable
 from ..settings import ConfigError
 from . import checkpoint, optim_state
 from .checkpoint_reader import EXPERT_FILE, MODEL_STATES, read_experts, resolve
-from .layout import LAYOUT_KEY, CheckpointError, Layout, check_target, global_names, of_checkpoint, of_engine
-from .optim_files import OptimizerState, load_file, read_deepspeed, read_portable as read_portable_optimizer
+from .layout import LAYOUT_KEY, Layout, check_target, global_names, of_checkpoint, of_engine
+from .optim_files import OptimizerState, read_deepspeed, read_portable as read_portable_optimizer
 from .optim_files import write_portable
 from .run_dir import RunDir
 from .state import LoopState
@@ -56,14 +58,11 @@ BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "
 
 # -- reading a checkpoint at any layout -----------------------------------------------------------
 def read_layout(tag_dir: Path, config: Dict[str, Any]) -> Tuple[Layout, Dict[str, Any]]:
-    """The layout a checkpoint was written at, and its model-states file (tensors memory-mapped, not read)."""
+    """The layout a checkpoint was written at, and its model-states file."""
     path = tag_dir / MODEL_STATES
-    try:
-        states = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {tag_dir} has no {MODEL_STATES}: not a DeepSpeed checkpoint") from None
-    except Exception:  # noqa: BLE001 - not mmap-able (old format) or damaged: load_file names which
-        states = load_file(path)
+    states = safe_load(path)
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise CheckpointError(f"checkpoint file {path} does not hold DeepSpeed model states")
     return of_checkpoint(states, config), states
 
 
@@ -85,19 +84,19 @@ def read_optimizer(tag_dir: Path, layout: Layout, states: Dict[str, Any], names:
 
 
 # -- resume at the launch's layout ----------------------------------------------------------------
-def restore(engine, partitioner, run_dir: RunDir, state: LoopState, seed: int) -> str:
-    """Restore the latest checkpoint of ``run_dir`` into this launch's engine; its tag.
+def restore(engine, partitioner, run_dir: RunDir, state: LoopState, seed: int, tag: str) -> None:
+    """Restore checkpoint ``tag`` of ``run_dir`` (verified: checkpoint.resume_tag) into this launch's engine.
 
     DeepSpeed's own load when the checkpoint was written at this layout (bit for bit);
     otherwise converted on the fly (module docstring), saying so in the log.
     """
     ckpt = run_dir.checkpoints
-    tag = checkpoint.latest_tag(ckpt)
-    tag_dir = ckpt / str(tag)
+    tag_dir = ckpt / tag
     saved, states = read_layout(tag_dir, run_dir.saved_config())
     now = of_engine(engine)
     if not saved.portable and saved.shape() == now.shape():
-        return checkpoint.load(engine, partitioner, run_dir, state)
+        checkpoint.load(engine, partitioner, run_dir, state, tag)
+        return
     log.info("checkpoint %s was written at %s; this run is %s: converting its optimizer and partitioner state on the "
              "fly (padnet-ds reshard)", tag_dir, saved.describe(), now.describe())
     if saved.global_batch and saved.global_batch != now.global_batch:
@@ -112,12 +111,11 @@ def restore(engine, partitioner, run_dir: RunDir, state: LoopState, seed: int) -
         raise CheckpointError(f"could not load checkpoint {tag_dir}: DeepSpeed found no model states there")
     write_optimizer(engine, opt, {n: names[n] for n in trained})
     rng_file = tag_dir / checkpoint.RNG_FILE.format(rank())
-    checkpoint.set_rng_state(load_file(rng_file) if rng_file.is_file() else
+    checkpoint.set_rng_state(safe_load(rng_file) if rng_file.is_file() else
                              checkpoint.new_rank_rng_state(seed, rank(), int(states.get("global_steps", 0))))
     if partitioner is not None:
         partitioner.load(str(ckpt), tag)
     state.load_state_dict(client.get(checkpoint.CLIENT_KEY, {}))
-    return tag
 
 
 def write_optimizer(engine, opt: OptimizerState, names: Dict[str, str]) -> None:
@@ -147,14 +145,15 @@ def write_optimizer(engine, opt: OptimizerState, names: Dict[str, str]) -> None:
 # -- padnet-ds reshard ----------------------------------------------------------------------------
 def reshard(source: str, out: str, world: int, ep_size: int, zero_stage: Optional[int] = None) -> Dict[str, Any]:
     """Write checkpoint ``source`` as a run folder ``out`` loadable at ``world`` ranks, ``ep_size`` and ZeRO
-    ``zero_stage`` (default: the source's); no process group. Everything is read and checked before
-    anything is written, ``out`` appears whole or not at all, and ``source`` is only read."""
+    ``zero_stage`` (default: the source's); no process group. The source tag is verified against its
+    manifest and every file is read before anything is written; ``out`` appears whole or not at
+    all (a staging folder renamed), its tag committed with a manifest (commit.write_tag); ``source``
+    is only read."""
     dest = Path(out)
     if dest.exists():
         raise ConfigError(f"OUT {dest} already exists: reshard writes a new run folder; remove it or choose another")
     run, tag_dir = resolve(source)
-    config_file = run / "config.yaml"
-    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    config = RunDir(str(run)).saved_config()
     saved, states = read_layout(tag_dir, config)
     stage = saved.zero_stage if zero_stage is None else zero_stage
     check_target(saved.num_experts, world, ep_size, stage)
@@ -162,7 +161,7 @@ def reshard(source: str, out: str, world: int, ep_size: int, zero_stage: Optiona
     parts = read_portable(str(tag_dir)) if _has_partitioner(tag_dir) else None
     experts = sorted(f for f in tag_dir.iterdir() if EXPERT_FILE.fullmatch(f.name))
     for f in experts:
-        load_file(f)  # every expert file readable before anything is written
+        safe_load(f)  # every expert file loadable before anything is written
     target = Layout(world_size=world, zero_stage=stage, bf16=saved.bf16, ep_size={n: ep_size for n in saved.ep_size},
                     num_experts=dict(saved.num_experts), portable=True, resharded_from=saved.shape())
     new_config, note = target_config(config, dest, saved, target)
@@ -217,9 +216,7 @@ def _ds_config(states: Dict[str, Any], stage: int) -> Dict[str, Any]:
 
 def _write_run(root: Path, tag_dir: Path, states: Dict[str, Any], target: Layout, config: Dict[str, Any],
                opt: OptimizerState, parts: Optional[Dict[str, Any]], experts: List[Path], seed: int) -> None:
-    tag = tag_dir.name
-    out = root / "checkpoints" / tag
-    out.mkdir(parents=True)
+    root.mkdir()
     ds = _ds_config(states, target.zero_stage)
     atomic_write_text(root / "ds_config.json", json.dumps(ds, indent=2) + "\n")
     atomic_write_text(root / "config.yaml", yaml.safe_dump(config, sort_keys=False))
@@ -229,17 +226,19 @@ def _write_run(root: Path, tag_dir: Path, states: Dict[str, Any], target: Layout
                                          gradient_accumulation_steps=target.grad_accum),
                        # the source layout's: DeepSpeed's optimizer state (stage 0) and ZeRO's flat shapes
                        "optimizer": None, "param_shapes": None})
-    atomic_torch_save({k: v for k, v in new_states.items()}, out / MODEL_STATES)
-    for f in experts:
-        shutil.copyfile(f, out / f.name)
-    write_portable(out, opt)
-    if parts is not None:
-        atomic_torch_save(parts, out / PORTABLE_FILE)
     step = int(states.get("global_steps", 0))
-    for r in range(target.world_size):
-        src = tag_dir / checkpoint.RNG_FILE.format(r)
-        if src.is_file():
-            shutil.copyfile(src, out / src.name)
-        else:
-            atomic_torch_save(checkpoint.new_rank_rng_state(seed, r, step), out / src.name)
-    atomic_write_text(root / "checkpoints" / "latest", tag)
+    meta = {"step": step, "world_size": target.world_size, "resharded_from": str(tag_dir)}
+    with write_tag(root / "checkpoints", tag_dir.name, collective=False, meta=meta) as stage:
+        out = stage.dir
+        atomic_torch_save(new_states, out / MODEL_STATES)
+        for f in experts:
+            shutil.copyfile(f, out / f.name)
+        write_portable(out, opt)
+        if parts is not None:
+            atomic_torch_save(parts, out / PORTABLE_FILE)
+        for r in range(target.world_size):
+            src = tag_dir / checkpoint.RNG_FILE.format(r)
+            if src.is_file():
+                shutil.copyfile(src, out / src.name)
+            else:
+                atomic_torch_save(checkpoint.new_rank_rng_state(seed, r, step), out / src.name)

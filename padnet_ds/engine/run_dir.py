@@ -1,19 +1,30 @@
 """The run folder: ``checkpoints/``, ``tensorboard/``, ``config.yaml`` and ``summary.json``.
 
-Nothing already written is overwritten by accident: a folder that holds another run is
-refused unless ``resume=true``; files are replaced atomically (write, then rename).
+A folder becomes "a run" only once it holds a complete checkpoint (or ``summary.json``): a start
+that failed earlier, for whatever reason, leaves it reusable, and the fixed rerun clears what
+that start wrote (``config.yaml``, ``tensorboard/``, unfinished ``checkpoints/*.partial``).
+Nothing else already written is overwritten by accident: a folder that holds a run is refused
+unless ``resume=true``; files are replaced atomically (write, then rename).
+
+:meth:`RunDir.check` only reads (every rank, before the process group exists);
+:meth:`RunDir.create` writes (rank 0, once the model and engine are built).
 """
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import yaml
 
-from ..files import atomic_write_text
+from ..commit import LATEST, PARTIAL, complete_tags
+from ..files import atomic_write_text, read_text
 from ..settings import ConfigError
 from .config import RunConfig, to_dict
+
+log = logging.getLogger("padnet_ds")
 
 # Settings that define the model's shape: a checkpoint written under other values cannot load.
 MODEL_KEYS = ("task", "model", "moe", "extra")
@@ -30,48 +41,58 @@ class RunDir:
         self.config_file = self.root / "config.yaml"
         self.summary_file = self.root / "summary.json"
 
+    def evidence(self) -> List[str]:
+        """What makes the folder a run: a complete checkpoint, ``summary.json``, or a ``latest`` pointer
+        (an older padnet-ds wrote checkpoints without manifests: never overwrite those)."""
+        found = [f"checkpoints/{t}" for t in complete_tags(self.checkpoints)[-1:]]
+        if self.summary_file.exists():
+            found.append("summary.json")
+        if not found and (self.checkpoints / LATEST).is_file():
+            found.append("checkpoints/latest")
+        return found
+
     def holds_run(self) -> bool:
-        return self.config_file.exists() or self.summary_file.exists() or self.has_checkpoint()
-
-    def has_checkpoint(self) -> bool:
-        return (self.checkpoints / "latest").is_file()
-
-    def prepare(self, cfg: RunConfig, is_writer: bool, barrier=lambda: None) -> None:
-        """Check the folder against ``cfg.resume`` on every rank, then (after ``barrier``) rank 0 writes.
-
-        The barrier matters: a rank that checks after rank 0 wrote config.yaml would see "a run".
-        """
-        self.check(cfg)
-        barrier()
-        if is_writer:
-            self.create(cfg)
+        return bool(self.evidence())
 
     def check(self, cfg: RunConfig) -> None:
+        """Raise a :class:`ConfigError` if ``cfg`` may not run in this folder; writes nothing."""
         if cfg.resume:
-            if not self.has_checkpoint():
-                raise ConfigError(f"resume=true but {self.checkpoints} has no checkpoint (no 'latest' file): "
-                                  "start without resume=true, or point output_dir at the run to continue")
+            if not complete_tags(self.checkpoints):
+                partial = sorted(p.name for p in self.checkpoints.glob(f"*{PARTIAL}")) if self.checkpoints.is_dir() \
+                    else []
+                left = f" ({', '.join(partial)}: a save that did not finish)" if partial else ""
+                raise ConfigError(f"resume=true but {self.checkpoints} holds no complete checkpoint{left}: start "
+                                  "without resume=true (the folder is reused), or point output_dir at the run to "
+                                  "continue")
             self.check_same_model(cfg)
         elif self.holds_run():
-            raise ConfigError(f"output_dir {self.root} already holds a run ({self._evidence()}): pass resume=true "
-                              "to continue it, or choose another output_dir; nothing was changed")
+            raise ConfigError(f"output_dir {self.root} already holds a run ({', '.join(self.evidence())}): pass "
+                              "resume=true to continue it, or choose another output_dir; nothing was changed")
 
     def create(self, cfg: RunConfig) -> None:
+        """Rank 0, after everything that can fail at start-up: a new run clears what a failed start left."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self.checkpoints.mkdir(exist_ok=True)
         if not cfg.resume:
+            self.clear_failed_start()
             atomic_write_text(self.config_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.checkpoints.mkdir(exist_ok=True)
 
-    def _evidence(self) -> str:
-        found = [p.name for p in (self.config_file, self.summary_file) if p.exists()]
-        if self.has_checkpoint():
-            found.append("checkpoints/latest")
-        return ", ".join(found)
+    def clear_failed_start(self) -> None:
+        """Remove what an earlier start that never completed a checkpoint wrote (its ``config.yaml`` is the sign)."""
+        if self.holds_run() or not self.config_file.exists():
+            return
+        log.info("output_dir %s holds a start that never completed a checkpoint: reusing it", self.root)
+        shutil.rmtree(self.tensorboard, ignore_errors=True)
+        for partial in self.checkpoints.glob(f"*{PARTIAL}") if self.checkpoints.is_dir() else ():
+            shutil.rmtree(partial, ignore_errors=True)
 
     def saved_config(self) -> Dict[str, Any]:
         if not self.config_file.exists():
             return {}
-        return yaml.safe_load(self.config_file.read_text()) or {}
+        try:
+            return yaml.safe_load(read_text(self.config_file)) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{self.config_file} is not valid YAML ({err})") from None
 
     def check_same_model(self, cfg: RunConfig) -> None:
         saved, now = self.saved_config(), to_dict(cfg)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..comm import world_size
+from ..files import read_text
 from ..moe.layer import pad_moe_layers
 from ..pad.packed import is_packed_weight
 from ..settings import ConfigError
@@ -42,7 +43,7 @@ def load_ds_config(cfg: RunConfig) -> Dict[str, Any]:
         raise ConfigError(f"ds_config {cfg.ds_config} not found "
                           "(ds_configs/ has zero{0,1,2}_{fp32,bf16,fp16}.json)")
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise ConfigError(f"ds_config {path} is not valid JSON ({err})") from None
     if not isinstance(ds, dict):
@@ -68,6 +69,21 @@ def check_ds_settings(ds_config: Dict[str, Any]) -> None:
     if ds_config.get("fp16", {}).get("enabled") and accelerator_is_cpu():
         raise ConfigError("ds_config fp16.enabled=true: DeepSpeed does not support fp16 on CPU; "
                           "use bf16.enabled=true or fp32 (neither fp16 nor bf16 enabled)")
+    check_checkpoint_settings(ds_config)
+
+
+def check_checkpoint_settings(ds_config: Dict[str, Any]) -> None:
+    """padnet-ds commits each checkpoint after every rank wrote its files (padnet_ds/commit.py), which
+    needs DeepSpeed to write them synchronously, with torch.save, into the shared run folder."""
+    ckpt = ds_config.get("checkpoint", {})
+    settings = (("checkpoint.writer", ckpt.get("writer")), ("datastates_ckpt", ds_config.get("datastates_ckpt")),
+                ("checkpoint.use_node_local_storage", ckpt.get("use_node_local_storage")))
+    refused = [(key, value) for key, value in settings if value not in (None, False)]
+    if refused:
+        key, value = refused[0]
+        raise ConfigError(f"ds_config {key}={json.dumps(value)}: padnet-ds commits every checkpoint once all ranks "
+                          "have written their files into the shared output_dir (crash-consistent checkpoints), "
+                          f"which needs DeepSpeed's default synchronous writer; remove {key}")
 
 
 def optimizer_and_schedule(cfg: RunConfig, ds: Dict[str, Any],
@@ -93,7 +109,7 @@ def check_ds_config(ds_config: Dict[str, Any], model: nn.Module, world: int) -> 
     check_ds_settings(cfg)
     for name, layer in pad_moe_layers(model).items():
         if world % layer.ep_size:
-            raise ValueError(f"world size {world} is not divisible by ep_size={layer.ep_size} of layer {name}: "
+            raise ConfigError(f"world size {world} is not divisible by ep_size={layer.ep_size} of layer {name}: "
                              "launch a multiple of ep_size ranks or lower ep_size")
     opt = cfg.get("optimizer")
     if opt and accelerator_is_cpu() and opt.get("type", "").lower() in ("adam", "adamw"):
@@ -125,17 +141,21 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> List[Dict[str, 
 
 def build_engine(model: nn.Module, ds_config: Dict[str, Any], *, optimizer=None, weight_decay: float = 0.0,
                  lr_scheduler=None):
-    """``deepspeed.initialize`` after validation; returns the engine.
+    """``deepspeed.initialize`` after validation; returns the engine, with DeepSpeed's checkpoint engine
+    replaced by :class:`~padnet_ds.engine.checkpoint_engine.SafeCheckpointEngine`.
 
     ``optimizer`` is None (the ds_config's ``optimizer`` section) or a callable taking the
     parameter groups, as ``deepspeed.initialize`` accepts.
     """
     import deepspeed
 
+    from .checkpoint_engine import install
+
     cfg = check_ds_config(ds_config, model, world_size())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                            optimizer=optimizer, config=cfg, lr_scheduler=lr_scheduler,
                                            dist_init_required=False)
+    install(engine)  # every checkpoint file DeepSpeed reads is loaded with weights_only=True
     return engine
 
 

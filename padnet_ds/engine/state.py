@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Union
 
 from torch import Tensor
 
+from ..errors import CheckpointError
+
 Number = Union[Tensor, float, int]
 
 
@@ -33,7 +35,7 @@ class LoopState:
                              "padnet-ds version whose data order depended on the number of ranks: resume it with "
                              "that version, or start the run again")
         if missing:
-            raise ValueError(f"checkpoint loop state lacks {missing}: it was not written by padnet-ds train")
+            raise CheckpointError(f"checkpoint loop state lacks {missing}: it was not written by padnet-ds train")
         for name in names:  # other keys (e.g. "tag", which older versions stored) are ignored
             setattr(self, name, copy.deepcopy(state[name]))
 

@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..comm import reduce_values, world_size
+from ..comm import reduce_values
+from ..data.text import check_text_files
 from ..settings import ConfigError
 from .config import RunConfig
+from .distributed import launch_world
 from .tasks import Batch, Task, register_task
 
 
@@ -36,10 +38,11 @@ def align_lengths(batch: Batch, pad_id: int) -> Batch:
 
 
 def check_text_config(cfg: RunConfig) -> None:
-    world = world_size()
+    world = launch_world()
     if not cfg.model.dense and world % cfg.moe.ep_size:
         raise ConfigError(f"moe.ep_size={cfg.moe.ep_size} does not divide the world size {world}: expert-parallel "
                           "groups tile the ranks, so launch a multiple of ep_size ranks or change moe.ep_size")
+    check_text_files(cfg.data)  # the GLUE task, data files and folders: before the model is built
 
 
 def text_task(cfg: RunConfig) -> Task:

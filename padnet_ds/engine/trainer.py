@@ -1,8 +1,9 @@
 """The training loop: :class:`Trainer`, whose components are attributes and whose step is cut into stages.
 
 ``Trainer(cfg)`` validates the whole config (:func:`~padnet_ds.engine.validate.validate_run`)
-before the run folder is touched, then builds the task, the DeepSpeed engine, the PAD
-partitioner and the monitor; ``fit()`` runs :meth:`Trainer.train_step` until ``train.steps``
+on every rank before the process group exists, picks the checkpoint to resume from (verified
+against its manifest), builds the task, the DeepSpeed engine and the PAD partitioner, and
+only then writes the run folder; ``fit()`` opens TensorBoard and runs :meth:`Trainer.train_step` until ``train.steps``
 (or ``train.stop_at``), evaluates, checkpoints and writes ``summary.json``. ``train(cfg)`` is
 ``Trainer(cfg).fit()``.
 """
@@ -48,12 +49,12 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        init_distributed()
-        self.ds_config = validate_run(cfg)  # on every rank, before anything is written
+        self.ds_config = validate_run(cfg)  # on every rank, before the process group and anything is written
         self.run_dir = RunDir(cfg.output_dir)
-        self.start = starting_checkpoint(cfg, self.run_dir)  # init_from / resume: read and checked, also
-        self.run_dir.prepare(cfg, is_writer=rank() == 0, barrier=barrier)
-        barrier()
+        init_distributed()
+        self.resume_tag = checkpoint.resume_tag(self.run_dir) if cfg.resume else None  # verified, all ranks agree
+        # init_from / resume: read and checked on every rank, before anything is written
+        self.start = starting_checkpoint(cfg, self.run_dir, self.resume_tag)
         seed_everything(cfg.seed)  # identical model init on every rank
         self.task = build_task(cfg)
         self.perturb_for_scoring()
@@ -62,8 +63,13 @@ class Trainer:
         self.total_steps = cfg.train.steps or max(1, int(cfg.train.epochs * self.batches.steps_per_epoch))
         self.engine = self.build_engine()
         self.partitioner = self.build_partitioner()
-        self.monitor = Monitor(self.run_dir.tensorboard, enabled=rank() == 0)
-        self.progress: Optional[Progress] = None  # created by begin(), at the step the run starts from
+        # Only now, with everything built that can fail at start-up, does the folder get written.
+        barrier()
+        if rank() == 0:
+            self.run_dir.create(cfg)
+        barrier()
+        self.monitor: Optional[Monitor] = None  # opened by begin(), once the step the run starts from is known
+        self.progress: Optional[Progress] = None
         self.state = LoopState()
         self.window = LogWindow()
         self.last_eval: Dict[str, float] = {}
@@ -112,11 +118,17 @@ class Trainer:
         return self.finish()
 
     def begin(self) -> None:
-        """Restore the latest checkpoint (``resume``), or run the ``before_training`` partition."""
-        if self.cfg.resume:
-            tag = reshard.restore(self.engine, self.partitioner, self.run_dir, self.state, self.cfg.seed)
-            log.info("resumed from %s at step %d", tag, self.state.step)
-        elif self.partitioner.active and self.cfg.partition.mode == "before_training":
+        """Restore the checkpoint chosen at start-up (``resume``), or run the ``before_training`` partition.
+
+        TensorBoard opens here: after a resume from step N, ``purge_step=N+1`` hides what the
+        interrupted run logged after its checkpoint, so replayed steps are recorded once.
+        """
+        if self.resume_tag is not None:
+            reshard.restore(self.engine, self.partitioner, self.run_dir, self.state, self.cfg.seed, self.resume_tag)
+            log.info("resumed from %s at step %d", self.resume_tag, self.state.step)
+        self.monitor = Monitor(self.run_dir.tensorboard, enabled=rank() == 0,
+                               purge_step=self.state.step + 1 if self.resume_tag is not None else None)
+        if self.resume_tag is None and self.partitioner.active and self.cfg.partition.mode == "before_training":
             entries = self.partitioner.run_before_training(self.engine, scoring_batches(self.task, self.cfg),
                                                            self.scoring_loss)
             for entry in entries:
@@ -164,8 +176,9 @@ class Trainer:
            the all-to-alls (every rank forwards the same number of batches), then one
            all-gather of the predictions.
         7. ``checkpoint_step`` every ``train.checkpoint_every`` steps: one all-reduce (the size record
-           of engine/footprint.py), DeepSpeed's save (its own barriers), then a barrier before rank 0
-           prunes old checkpoints.
+           of engine/footprint.py), a barrier once rank 0 has emptied the staging folder, DeepSpeed's
+           save (its own barriers), a barrier once every rank has hashed its files, a barrier once
+           rank 0 has committed the tag (``padnet_ds/commit.py``); rank 0 then prunes old checkpoints.
         """
         self.before_step(position)
         for batch in micro_batches:

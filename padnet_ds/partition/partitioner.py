@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm import max_over_ranks, min_over_ranks, rank, world_size as world
-from ..files import atomic_torch_save
+from ..errors import CheckpointError
+from ..files import atomic_torch_save, safe_load
 from .config import PartitionConfig
 from .schedule import scores_upcoming, step_due, target_ratio
 from .scores import ScoreBook, loss_scale_fn, magnitudes, random_scores
@@ -254,11 +255,11 @@ class Partitioner:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state["world"] != world():
-            raise ValueError(f"partitioner state was saved with {state['world']} ranks, this run has {world()}: "
-                             "accumulated scores are per rank, so resume with the same number of ranks")
+            raise CheckpointError(f"partitioner state was saved with {state['world']} ranks, this run has {world()}: "
+                                  "accumulated scores are per rank, so resume with the same number of ranks")
         if state["layout"] != self._layout():
-            raise ValueError("partitioner state does not match this model's PAD masks (saved "
-                             f"{[x[0] for x in state['layout']]}): resume with the same model and ep_size")
+            raise CheckpointError("partitioner state does not match this model's PAD masks (saved "
+                                  f"{[x[0] for x in state['layout']]}): resume with the same model and ep_size")
         self.step, self.ratio = int(state["step"]), float(state["ratio"])
         self.book.load_state_dict(state["scores"])
         self.rng.set_state(state["rng"])
@@ -273,8 +274,8 @@ class Partitioner:
     def load_portable(self, state: Dict[str, Any]) -> None:
         """Restore the layout-independent state (portable.py) at this run's ranks."""
         if state["sites"] != site_shapes(self._layout()):
-            raise ValueError("partitioner state does not match this model's PAD masks (saved "
-                             f"{[x[0] for x in state['sites']]}): resume with the same model")
+            raise CheckpointError("partitioner state does not match this model's PAD masks (saved "
+                                  f"{[x[0] for x in state['sites']]}): resume with the same model")
         self.step, self.ratio = int(state["step"]), float(state["ratio"])
         self.rng.set_state(state["rng"])
         self.log = copy.deepcopy(state["log"])
@@ -301,10 +302,14 @@ class Partitioner:
         folder = os.path.join(checkpoint_dir, str(tag))
         own_path = os.path.join(folder, STATE_FILE.format(rank()))
         own = _read(own_path) if os.path.isfile(own_path) else None
-        if own is not None and own["world"] == world() and own["layout"] == self._layout():
-            self.load_state_dict(own)
-        else:
-            self.load_portable(read_portable(folder))
+        try:
+            if own is not None and own.get("world") == world() and own.get("layout") == self._layout():
+                self.load_state_dict(own)
+            else:
+                self.load_portable(read_portable(folder))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {folder}: its partitioner files do not hold a partitioner state "
+                                  f"({err!r})") from None
 
 
 def read_portable(folder: str) -> Dict[str, Any]:
@@ -319,9 +324,12 @@ def read_portable(folder: str) -> Dict[str, Any]:
 
 def _read(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: the checkpoint was saved without partitioner.save, or is "
-                                "incomplete")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"{path} not found: the checkpoint was saved without partitioner.save, or is "
+                              "incomplete")
+    state = safe_load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {path} does not hold a partitioner state")
+    return state
 
 
 class _BareEngine:

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
+from ..errors import CheckpointError
+
 PORTABLE_VERSION = 1
 
 
@@ -34,11 +36,11 @@ def portable_state(states: List[Dict[str, Any]]) -> Dict[str, Any]:
     """The per-rank partitioner states of one checkpoint (rank order, every rank) -> the layout-independent one."""
     world = int(states[0]["world"])
     if len(states) != world or [int(s["rank"]) for s in states] != list(range(world)):
-        raise ValueError(f"partitioner states of ranks {[s['rank'] for s in states]} given, the checkpoint has "
-                         f"{world} ranks: every rank's file is needed")
+        raise CheckpointError(f"partitioner states of ranks {[s['rank'] for s in states]} given, the checkpoint has "
+                              f"{world} ranks: every rank's file is needed")
     first = states[0]
     if any(s["step"] != first["step"] for s in states):
-        raise ValueError("partitioner states of one checkpoint disagree on the partition step: not one checkpoint")
+        raise CheckpointError("partitioner states of one checkpoint disagree on the partition step: not one checkpoint")
     scores: List[Optional[Tensor]] = []
     for i, (_, shape, _) in enumerate(first["layout"]):
         total: Optional[Tensor] = None

@@ -159,7 +159,7 @@ def test_task_names_any_spelling():
 # ---- bad input -------------------------------------------------------------------------------
 
 def test_unknown_task_and_source():
-    with pytest.raises(ValueError, match=r"unknown GLUE task 'sst3'.*cola.*wnli"):
+    with pytest.raises(ValueError, match=r"data.task='sst3' is not a GLUE task.*cola.*wnli"):
         load_text_task(TextDataConfig(task="sst3", glue_dir="/nowhere"))
     with pytest.raises(ValueError, match=r"data.source='imdb' is not one of glue, files, rotten_tomatoes"):
         load_text_task(TextDataConfig(source="imdb"))
@@ -181,12 +181,14 @@ def test_missing_task_file_names_path_and_layout(tmp_path):
 
 def test_missing_column_lists_found_columns(tmp_path):
     write_tsv(tmp_path / "SST-2" / "train.tsv", [["text", "label"], ["good", "1"]])
+    write_tsv(tmp_path / "SST-2" / "dev.tsv", [["sentence", "label"], ["fine", "1"]])
     with pytest.raises(ValueError, match=r"missing column\(s\) \['sentence'\].*columns found: \['text', 'label'\]"):
         load_local("sst2", tmp_path)
 
 
 def test_bad_labels_name_label_line_and_allowed_set(tmp_path):
     write_tsv(tmp_path / "SST-2" / "train.tsv", [["sentence", "label"], ["good", "1"], ["odd", "2"]])
+    write_tsv(tmp_path / "SST-2" / "dev.tsv", [["sentence", "label"], ["fine", "1"]])
     with pytest.raises(ValueError, match=r"train.tsv, line 3: label '2' is not a sst2 label; allowed: \['0', '1'\]"):
         load_local("sst2", tmp_path)
     write_other_tasks(tmp_path)

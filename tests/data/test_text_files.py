@@ -81,7 +81,7 @@ def test_eval_label_outside_train_set(tmp_path):
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(ValueError, match="needs train_file"):
+    with pytest.raises(ValueError, match="data.train_file is required with data.source=files"):
         load_text_task(TextDataConfig(source="files"))
     with pytest.raises(FileNotFoundError, match="nope.csv.*does not exist"):
         load_text_task(cfg(tmp_path / "nope.csv"))

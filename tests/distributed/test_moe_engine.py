@@ -155,3 +155,43 @@ def test_zero3_and_cpu_fp16_are_rejected_with_the_setting_named():
     cfg["fp16"] = {"enabled": True}
     with pytest.raises(ValueError, match="fp16.enabled"):
         check_ds_config(cfg, model, 1)
+
+
+def safe_roundtrip(stage, bf16, ckpt_dir):
+    """Save with the engine build_engine makes, reload through its weights_only loader, step on."""
+    from padnet_ds.files import safe_load
+
+    rank = torch.distributed.get_rank()
+    x, y = batches(4, ROWS, seed=rank)
+    cfg = ds_config(stage, ROWS, bf16=bf16, clip=1.0)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def run(engine, xs, ys):
+        out = []
+        for xb, yb in zip(xs, ys):
+            pred, aux = engine(xb.to(dtype))
+            loss = torch.nn.functional.mse_loss(pred.float(), yb) + 0.01 * aux.float()
+            engine.backward(loss)
+            engine.step()
+            out.append(loss.item())
+        return out
+
+    engine = build_engine(Toy(ep_size=2, seed=0), cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    run(engine, x[:2], y[:2])
+    engine.save_checkpoint(ckpt_dir, tag="t2")
+    after = run(engine, x[2:], y[2:])
+    engine2 = build_engine(Toy(ep_size=2, seed=99), cfg, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    engine2.load_checkpoint(ckpt_dir, tag="t2")
+    resumed = run(engine2, x[2:], y[2:])
+    folder = os.path.join(ckpt_dir, "t2")
+    for name in sorted(os.listdir(folder)):  # every file DeepSpeed wrote, on every rank
+        safe_load(os.path.join(folder, name))
+    return after, resumed, sorted(os.listdir(folder))
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2], ids=lambda s: f"zero{s}")
+def test_every_file_deepspeed_writes_loads_with_weights_only_and_resumes_exactly(pool, tmp_path, stage, bf16):
+    for after, resumed, files in pool.run(safe_roundtrip, stage, bf16, str(tmp_path)):
+        assert resumed == after
+        assert any("optim_states" in f for f in files) and any("expert" in f for f in files), files

@@ -5,6 +5,7 @@ import hashlib
 import pytest
 import torch
 
+from tests.checkpoints import resign
 from tests.engine.test_train import TINY, glue, read_events
 
 STEPS = ["train.steps=12", "train.checkpoint_every=10", "train.eval_every=0", "train.keep_checkpoints=0"]
@@ -134,6 +135,7 @@ def test_bad_packing_input_fails_on_every_rank_and_changes_nothing(pool, runs):
     key = next(k for k in state if k.endswith("fc2.values"))
     state[key] = state[key][1:]
     torch.save(state, expert_file)
+    resign(expert_file.parent, expert_file.name)
     before = files_of(damaged)
     msgs = pool.run(error_in_ranks, [f"output_dir={damaged}", *common, "resume=true"])
     assert all(f"{key} holds {state[key].numel()} packed values but its mask" in m for m in msgs), msgs

@@ -5,11 +5,13 @@ import weakref
 import pytest
 import torch
 
+from padnet_ds.commit import write_tag
 from padnet_ds.engine import optim_state
 from padnet_ds.engine.packing import check_packed_checkpoint, switch_to_packed
 from padnet_ds.engine.setup import build_engine
 from padnet_ds.pad.packed import dense_sources
 from padnet_ds.settings import ConfigError
+from tests.checkpoints import resign
 from tests.distributed.toy import Toy, batches, ds_config
 
 ROWS = 4
@@ -80,7 +82,8 @@ def write_packed_checkpoint(folder):
     engine = build_engine(model, ds_config(2, ROWS), optimizer=lambda g: torch.optim.AdamW(g, lr=1e-2))
     x, y = batches(1, ROWS)
     steps(engine, x, y)
-    engine.save_checkpoint(folder, tag="step1")
+    with write_tag(folder, "step1") as stage:
+        engine.save_checkpoint(folder, tag=stage.dir.name, save_latest=False)
 
 
 def test_a_checkpoint_whose_packed_values_miss_their_mask_is_refused_and_left_alone(pool, tmp_path):
@@ -93,6 +96,7 @@ def test_a_checkpoint_whose_packed_values_miss_their_mask_is_refused_and_left_al
     key = next(k for k in state if k.endswith("2.fc1.values"))
     state[key] = state[key][:-3]
     torch.save(state, expert_file)
+    resign(expert_file.parent, expert_file.name)
     damaged = expert_file.read_bytes()
     with pytest.raises(ConfigError, match=rf"{key} holds {state[key].numel()} packed values but its mask "
                                           rf"\(moe\.pad\.fc1\.positions\) has {state[key].numel() + 3} dynamic"):

@@ -16,8 +16,10 @@ import torch
 
 from padnet_ds.engine.checkpoint_reader import read_checkpoint
 from padnet_ds.engine.inspect import inspect_checkpoint
-from padnet_ds.engine.layout import CheckpointError
+from padnet_ds.errors import CheckpointError
 from padnet_ds.engine.optim_files import zero_file
+import padnet_ds.engine.reshard as reshard_module
+from padnet_ds.commit import complete_tags, verify_tag
 from padnet_ds.engine.reshard import reshard
 from padnet_ds.pad.packed import mask_of
 from padnet_ds.settings import ConfigError
@@ -227,6 +229,29 @@ def test_bad_layouts_and_an_existing_out_are_refused_before_anything_is_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "taken"], "no staging folder left behind"
 
 
+def test_out_is_committed_whole_with_a_manifest_or_not_at_all(toy, tmp_path, monkeypatch):
+    """A reshard that fails while writing (here: the disk fills up at the optimizer files) leaves no OUT
+    and no staging folder; one that finishes holds a committed tag whose manifest verifies."""
+    source = digest(toy)
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reshard_module, "write_portable", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            reshard(str(toy), str(tmp_path / "out"), 1, 1)
+    assert list(tmp_path.iterdir()) == [] and digest(toy) == source
+    reshard(str(toy), str(tmp_path / "out"), 1, 1)
+    ckpt = tmp_path / "out" / "checkpoints"
+    assert complete_tags(ckpt) == ["step2"] and (ckpt / "latest").read_text() == "step2"
+    manifest = verify_tag(ckpt / "step2")
+    assert manifest["meta"]["world_size"] == 1
+    assert manifest["meta"]["resharded_from"] == str(toy / "checkpoints" / "step2")
+    written = sorted(p.name for p in (ckpt / "step2").iterdir() if p.name != "padnet_manifest.json")
+    assert sorted(manifest["files"]) == written and any(n.startswith("padnet_optim_") for n in written)
+
+
 def test_a_missing_or_truncated_shard_is_named_and_nothing_is_written(toy, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(toy, damaged)
@@ -234,7 +259,8 @@ def test_a_missing_or_truncated_shard_is_named_and_nothing_is_written(toy, tmp_p
     shard = zero_file(tag, 1, False)
     shard.write_bytes(shard.read_bytes()[:1000])
     truncated = digest(damaged)
-    with pytest.raises(CheckpointError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt cannot be read"):
+    with pytest.raises(CheckpointError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt has 1000 bytes, its "
+                                              "manifest says"):
         reshard(str(damaged), str(tmp_path / "out"), 1, 1)
     assert digest(damaged) == truncated
     shard.unlink()
@@ -244,7 +270,7 @@ def test_a_missing_or_truncated_shard_is_named_and_nothing_is_written(toy, tmp_p
                           "--world-size", "1", "--ep-size", "1"], cwd=REPO, capture_output=True, text=True,
                          timeout=300, env=env)
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "lacks the optimizer shard zero_pp_rank_1_mp_rank_00_optim_states.pt" in res.stderr
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in res.stderr and "Traceback" not in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"] and digest(damaged) == missing
 
 
