@@ -1,5 +1,5 @@
-"""``padnet-ds train | eval | study | inspect | export | predict``: argument parsing only; the work is in
-``engine/`` and ``export/``.
+"""``padnet-ds train | eval | study | inspect | reshard | export | predict``: argument parsing only; the
+work is in ``engine/`` and ``export/``.
 
 Run under any launcher (``deepspeed``, ``torchrun``, ``mpirun``) or as one process. The
 ``deepspeed`` launcher appends ``--local_rank=N``; it is accepted and ignored (the rank
@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a checkpoint: layers, experts, dynamic ratios, parameter counts")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rs = sub.add_parser("reshard", help="rewrite a checkpoint for another cluster shape (offline): a new run folder "
+                       "to resume with resume=true at that many ranks")
+    rs.add_argument("checkpoint", help="run folder (output_dir), its checkpoints/ folder, or a checkpoint tag folder")
+    rs.add_argument("out", help="the new run folder (must not exist)")
+    rs.add_argument("--world-size", type=int, required=True, help="ranks of the new layout")
+    rs.add_argument("--ep-size", type=int, required=True, help="moe.ep_size of the new layout")
+    rs.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2), help="default: the checkpoint's")
     x = sub.add_parser("export", help="write a checkpoint as a folder that loads without DeepSpeed "
                        "(transformers from_pretrained, pipeline, padnet-ds predict)")
     x.add_argument("checkpoint", help="run folder (its latest checkpoint), its checkpoints/ folder, or a tag folder")
@@ -77,6 +84,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _eval(args)
         if args.command == "study":
             return _study(args)
+        if args.command == "reshard":
+            return _reshard(args)
         if args.command == "export":
             return _export(args)
         if args.command == "predict":
@@ -161,6 +170,15 @@ def _inspect(args) -> int:
 
     info = inspect_checkpoint(args.checkpoint)
     print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+def _reshard(args) -> int:
+    from .engine.reshard import reshard
+
+    done = reshard(args.checkpoint, args.out, args.world_size, args.ep_size, args.zero_stage)
+    print(f"resharded {done['source']} ({done['from']}) -> {done['out']} ({done['to']}); {done['batch']}")
+    print(f"resume: padnet-ds train {done['out']}/config.yaml resume=true  (at {args.world_size} ranks)")
     return 0
 
 

@@ -1,8 +1,8 @@
 """Text to model inputs: tokenize once up front, pad per batch (a batch pads only to its own
-longest row, rounded up to a multiple of 8, not to max_length)."""
+longest row, or to a longer one it is told, rounded up to a multiple of 8, not to max_length)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -26,20 +26,33 @@ class EncodedTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def padded_length(self, rows: Sequence[int], cap: int) -> int:
+        """The length :func:`pad_to_length` pads a batch holding ``rows`` (or more) to: their longest row."""
+        return padded_length(max(len(self.columns["input_ids"][i]) for i in rows), cap)
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {k: torch.tensor(v[i], dtype=torch.long) for k, v in self.columns.items()}
         item["labels"] = self.labels[i]
         return item
 
 
-def pad_to_length(items: List[Dict[str, Any]], length: int, pad_id: int) -> Dict[str, torch.Tensor]:
-    """Stack ``items`` padded to the batch's longest row rounded up to a multiple of 8, at most ``length``.
+def padded_length(longest: int, cap: int) -> int:
+    """``longest`` rounded up to a multiple of 8, at most ``cap``."""
+    return min(cap, -(-longest // 8) * 8)
+
+
+def pad_to_length(items: List[Dict[str, Any]], length: int, pad_id: int,
+                  pad_to: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Stack ``items`` padded to the batch's longest row rounded up to a multiple of 8, at most ``length``;
+    or to ``pad_to`` (e.g. the longest row of a larger batch this one is part of).
 
     Padded positions have attention_mask 0 (and token_type_ids 0), so ``pad_id`` only matters to
     models that read it.
     """
     longest = max(len(it["input_ids"]) for it in items)
-    length = min(length, -(-longest // 8) * 8)
+    if pad_to is not None and pad_to < min(length, longest):
+        raise ValueError(f"pad_to={pad_to} is shorter than the batch's longest row ({longest} tokens)")
+    length = padded_length(longest, length) if pad_to is None else pad_to
     out: Dict[str, torch.Tensor] = {}
     for key in items[0]:
         if key == "labels":

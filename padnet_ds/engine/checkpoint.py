@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from ..comm import rank, world_size
-from ..commit import choose_tag, prune_tags, read_manifest, write_tag
+from ..commit import choose_tag, prune_tags, write_tag
 from ..errors import CheckpointError
 from ..files import atomic_torch_save, safe_load
-from ..settings import ConfigError
+from .layout import LAYOUT_KEY, of_engine
 from .run_dir import RunDir
 from .state import LoopState
 
@@ -66,13 +66,31 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def seeded_rng_state(seed: int) -> Dict[str, Any]:
+    """The RNG states ``seed`` gives every generator (this process's own states are left as they were)."""
+    saved = rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    state = rng_state()
+    set_rng_state(saved)
+    return state
+
+
+def new_rank_rng_state(seed: int, rank_: int, step: int) -> Dict[str, Any]:
+    """RNG states for a rank the checkpoint was not written by (resumed on more ranks): its own stream,
+    fixed by the run's seed, the rank and the step."""
+    return seeded_rng_state(((seed * 1_000_003 + rank_) * 1_000_033 + step) % 2**63)
+
+
 def save(engine, partitioner, run_dir: RunDir, state: LoopState, keep: int,
          footprint: Optional[Dict[str, Any]] = None) -> str:
     """Collective: every rank writes its files into the staged tag, which is committed once all are
     complete; then rank 0 prunes old tags. Returns the tag. ``footprint`` (engine/footprint.py) is
-    recorded beside the loop state, for ``inspect``."""
+    recorded beside the loop state, for ``inspect``, and the layout record
+    (engine/layout.py) for resuming at another one."""
     tag, ckpt = tag_of(state.step), run_dir.checkpoints
-    client = {CLIENT_KEY: state.state_dict()}
+    client = {CLIENT_KEY: state.state_dict(), LAYOUT_KEY: of_engine(engine).to_record()}
     if footprint is not None:
         client[FOOTPRINT_KEY] = footprint
     with write_tag(ckpt, tag, meta={"step": state.step, "world_size": world_size()}) as stage:
@@ -89,15 +107,11 @@ def save(engine, partitioner, run_dir: RunDir, state: LoopState, keep: int,
 
 def resume_tag(run_dir: RunDir) -> str:
     """Collective: the newest checkpoint of ``run_dir`` that verifies (every rank hashes a share of
-    its files and all agree), after checking it was written by as many ranks as this run has."""
+    its files and all agree). One written at another world size or ``ep_size`` is converted on
+    load (engine/reshard.py)."""
     tag, skipped = choose_tag(run_dir.checkpoints, collective=True)
     for why in skipped:
         log.warning("checkpoint %s; resuming from the older %s", why, tag)
-    saved_world = read_manifest(run_dir.checkpoints / tag).get("meta", {}).get("world_size")
-    if saved_world is not None and saved_world != world_size():
-        raise ConfigError(f"checkpoint {run_dir.checkpoints / tag} was written by {saved_world} ranks and this run "
-                          f"has {world_size()}: resume with {saved_world} ranks (ZeRO optimizer shards and "
-                          "partitioner scores are per rank)")
     return tag
 
 

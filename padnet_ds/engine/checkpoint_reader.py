@@ -31,6 +31,7 @@ from ..commit import MANIFEST, PARTIAL, choose_tag
 from ..errors import CheckpointError
 from ..files import safe_load
 from .checkpoint import CLIENT_KEY, FOOTPRINT_KEY
+from .layout import Layout, of_checkpoint
 from .run_dir import RunDir
 
 log = logging.getLogger("padnet_ds")
@@ -51,6 +52,7 @@ class CheckpointState:
     replicated: Dict[str, torch.Tensor]  # every key outside the experts
     experts: ExpertStates = field(default_factory=dict)  # MoE layer -> global expert id -> {name: tensor}
     loop_state: Dict[str, Any] = field(default_factory=dict)  # the trainer's LoopState.state_dict()
+    layout: Optional[Layout] = None  # the cluster shape it was written at (or resharded for), engine/layout.py
     footprint: Dict[str, Any] = field(default_factory=dict)  # layout and sizes recorded at save (engine/footprint.py)
 
     @property
@@ -111,6 +113,7 @@ def read_checkpoint(path: str) -> CheckpointState:
     run, tag_dir = resolve(path)
     states = safe_load(tag_dir / MODEL_STATES)
     module = _mapping(tag_dir / MODEL_STATES, states, "module")
-    return CheckpointState(run=run, tag_dir=tag_dir, config=RunDir(str(run)).saved_config(), replicated=dict(module),
+    config = RunDir(str(run)).saved_config()
+    return CheckpointState(run=run, tag_dir=tag_dir, config=config, replicated=dict(module),
                            experts=read_experts(tag_dir), loop_state=dict(states.get(CLIENT_KEY) or {}),
-                           footprint=dict(states.get(FOOTPRINT_KEY) or {}))
+                           footprint=dict(states.get(FOOTPRINT_KEY) or {}), layout=of_checkpoint(states, config))

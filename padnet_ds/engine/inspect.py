@@ -29,10 +29,15 @@ def inspect_checkpoint(path: str) -> Dict[str, Any]:
     pad = sum(u["params_pad"] for u in units)
     dyn = sum(u["dynamic_ratio"] * u["mask_bits"] for u in units)
     moe_layers = sorted({u["layer"] for u in units if u["kind"] == "moe"})
+    layout = ckpt.layout
     return {
         "checkpoint": str(ckpt.tag_dir),
+        # the cluster shape its files are cut for (a resharded checkpoint: the one it was resharded for)
+        "world_size": layout.world_size, "zero_stage": layout.zero_stage, "dtype": "bf16" if layout.bf16 else "fp32",
+        "optimizer_files": "padnet-ds portable" if layout.portable else "DeepSpeed",
+        "resharded_from": layout.resharded_from,
         # A vision run's config still has the (unused) moe section's defaults: report them only with MoE layers.
-        "ep_size": moe_cfg.get("ep_size") if moe_layers else None,
+        "ep_size": (max(layout.ep_size.values()) if layout.ep_size else moe_cfg.get("ep_size")) if moe_layers else None,
         "num_experts": moe_cfg.get("num_experts") if moe_layers else None,
         "moe_layers": moe_layers,
         "dyconv_layers": sorted({u["layer"] for u in units if u["kind"] == "dyconv"}),
@@ -116,7 +121,12 @@ def expert_count(expert_state: Dict[str, torch.Tensor], unit_name: str) -> int:
 
 
 def format_report(info: Dict[str, Any]) -> str:
+    source = info["resharded_from"]
     lines = [f"checkpoint: {info['checkpoint']}",
+             f"layout: world size {info['world_size']}  ZeRO {info['zero_stage']}  {info['dtype']}  "
+             f"optimizer files: {info['optimizer_files']}"
+             + (f"  (resharded from world size {source['world_size']}, ep_size "
+                f"{max(source['ep_size'].values(), default=1)}, ZeRO {source['zero_stage']})" if source else ""),
              f"MoE layers: {len(info['moe_layers'])}  experts: {info['num_experts']}  ep_size: {info['ep_size']}  "
              f"DY-Conv layers: {len(info['dyconv_layers'])}",
              f"{'PAD unit':60s} {'factors':>7s} {'dyn.ratio':>9s} {'lambda_d':>8s} {'lambda_s':>8s} "

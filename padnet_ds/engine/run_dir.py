@@ -28,6 +28,8 @@ log = logging.getLogger("padnet_ds")
 
 # Settings that define the model's shape: a checkpoint written under other values cannot load.
 MODEL_KEYS = ("task", "model", "moe", "extra")
+# ... except these, which say how the model is spread over the ranks (engine/reshard.py converts)
+LAYOUT_KEYS = {"moe": ("ep_size",)}
 
 
 class RunDir:
@@ -95,10 +97,16 @@ class RunDir:
     def check_same_model(self, cfg: RunConfig) -> None:
         saved, now = self.saved_config(), to_dict(cfg)
         for key in MODEL_KEYS:
-            if key in saved and saved[key] != now[key]:
+            if key in saved and _model_part(key, saved[key]) != _model_part(key, now[key]):
                 raise ConfigError(f"the checkpoint in {self.root} is from a different model: its {key} settings "
                                   f"{saved[key]} differ from this run's {now[key]}; resume with the original settings "
                                   "or use another output_dir")
 
     def write_summary(self, summary: Dict[str, Any]) -> None:
         atomic_write_text(self.summary_file, json.dumps(summary, indent=2, sort_keys=False, default=float))
+
+
+def _model_part(section: str, values: Any) -> Any:
+    if not isinstance(values, dict):
+        return values
+    return {k: v for k, v in values.items() if k not in LAYOUT_KEYS.get(section, ())}

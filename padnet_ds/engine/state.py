@@ -20,7 +20,7 @@ class LoopState:
     """Where the loop is. Saved in every checkpoint (DeepSpeed's client state ``padnet``), restored on resume."""
     step: int = 0  # optimizer steps completed
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this rank's shard of `epoch` already trained on
+    rows_in_epoch: int = 0  # rows of `epoch`'s global order already trained on (all ranks together)
     best: Dict[str, Any] = field(default_factory=dict)  # metrics of the best eval so far, plus its "step"
     history: List[Dict[str, float]] = field(default_factory=list)  # one entry per log step
 
@@ -30,6 +30,10 @@ class LoopState:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         names = [f.name for f in dataclasses.fields(self)]
         missing = [n for n in names if n not in state]
+        if "batch_in_epoch" in state and missing == ["rows_in_epoch"]:
+            raise ValueError("checkpoint loop state counts this rank's micro-batches (batch_in_epoch), from a "
+                             "padnet-ds version whose data order depended on the number of ranks: resume it with "
+                             "that version, or start the run again")
         if missing:
             raise CheckpointError(f"checkpoint loop state lacks {missing}: it was not written by padnet-ds train")
         for name in names:  # other keys (e.g. "tag", which older versions stored) are ignored

@@ -14,7 +14,7 @@ config sections the task reads (any other ``extra`` key is an error).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,22 +32,27 @@ class Task:
     model: nn.Module
     train_set: Any  # a map-style dataset; items go through `collate`
     eval_set: Any
-    collate: Callable[[List[Any]], Batch]
+    collate: Callable[..., Batch]  # collate(items), or collate(items, pad_to=L) when step_length is set
     metrics: Callable[[Sequence, Sequence], Dict[str, float]]  # (predictions, labels) -> {name: value}
     main_metric: str  # picks the best eval
     is_regression: bool = False
     label_names: Tuple[str, ...] = ()  # index = label id (summary.json, export's id2label); () for regression
     throughput_unit: str = "tokens"  # TensorBoard's perf/<unit>_per_s
-    # Every rank calls it on every batch, in the same order, before the model sees the batch; it may
-    # run a collective (text: pad the sequence dimension to the longest row across ranks).
+    # Text: the sequence length every micro-batch of a training step is padded to, from the row indices
+    # of the step's global batch (its longest row). Every rank sees the same indices, so all ranks, and
+    # every world size, get one shape without a collective (engine/loader.py). None: fixed-size rows.
+    step_length: Optional[Callable[[Sequence[int]], int]] = None
+    # Every rank calls it on every eval (and, without step_length, training) batch, in the same order,
+    # before the model sees it; it may run a collective (text: pad to the longest row across ranks).
     align: Optional[Callable[[Batch], Batch]] = None
     # before_step(module, step, epoch) before each optimizer step's micro-batches: `step` optimizer
     # steps are done, `epoch` is the fractional epoch position (image: the DY-Conv temperature).
     before_step: Optional[Callable[[nn.Module, int, float], None]] = None
 
-    def prepare(self, batch: Batch, device: torch.device) -> Batch:
-        """``batch`` aligned across ranks and on ``device``: what the model is called with."""
-        if self.align is not None:
+    def prepare(self, batch: Batch, device: torch.device, train: bool = False) -> Batch:
+        """``batch`` aligned across ranks and on ``device``: what the model is called with. Training
+        batches of a task with ``step_length`` are aligned already (padded to their step's length)."""
+        if self.align is not None and not (train and self.step_length is not None):
             batch = self.align(batch)
         return {k: v.to(device) for k, v in batch.items()}
 

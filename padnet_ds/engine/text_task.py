@@ -2,9 +2,12 @@
 Rotten Tomatoes (the run config's ``model``, ``moe`` and ``data`` sections).
 
 Batches must have the same shape on every rank when experts are sharded: DeepSpeed's expert
-capacity, and so the all-to-all buffer size, depends on the tokens per rank. A batch is padded
-to its own longest row (rounded up to 8, capped at ``model.max_length``), then to the longest
-row *across ranks* (:func:`align_lengths`, one scalar all-reduce per micro-batch).
+capacity, and so the all-to-all buffer size, depends on the tokens per rank. A training
+micro-batch is padded to the longest row of its step's global batch (rounded up to 8, capped at
+``model.max_length``), which every rank computes from the same row indices (``Task.step_length``,
+engine/loader.py), so the padded length is also the same at any world size. An eval batch is
+padded to its own longest row, then to the longest *across ranks* (:func:`align_lengths`, one
+scalar all-reduce per batch).
 """
 from __future__ import annotations
 
@@ -56,13 +59,13 @@ def text_task(cfg: RunConfig) -> Task:
                              random_init_config=cfg.model.random_init)
     length = cfg.model.max_length
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Task(name=spec.name, model=model,
-                train_set=EncodedTextDataset(tokenizer, train, length, regression=spec.is_regression),
+    train_set = EncodedTextDataset(tokenizer, train, length, regression=spec.is_regression)
+    return Task(name=spec.name, model=model, train_set=train_set,
                 eval_set=EncodedTextDataset(tokenizer, evals, length, regression=spec.is_regression),
                 collate=partial(pad_to_length, length=length, pad_id=pad_id),
                 metrics=partial(compute_metrics, spec), main_metric=spec.main_metric,
                 is_regression=spec.is_regression, label_names=tuple(spec.label_names), throughput_unit="tokens",
-                align=partial(align_lengths, pad_id=pad_id))
+                step_length=partial(train_set.padded_length, cap=length), align=partial(align_lengths, pad_id=pad_id))
 
 
 register_task("text", text_task, check=check_text_config)

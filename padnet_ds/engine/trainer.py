@@ -17,12 +17,12 @@ from ..moe.layer import pad_moe_layers
 from ..moe.upcycle import perturb_experts
 from ..pad.packed import is_packed, pack_model
 from ..partition import Partitioner
-from . import checkpoint
+from . import checkpoint, reshard
 from .config import RunConfig
 from .distributed import init_distributed
 from .evaluate import evaluate
 from .footprint import checkpoint_bytes, footprint
-from .loader import optimizer_steps, scoring_batches, steps_per_epoch, train_loader
+from .loader import optimizer_steps, scoring_batches, train_batches
 from .monitor import Monitor, Progress
 from .packing import (final_masks, is_packed_state, load_weights, local_state, pack_like, starting_checkpoint,
                       switch_to_packed)
@@ -59,9 +59,8 @@ class Trainer:
         self.task = build_task(cfg)
         self.perturb_for_scoring()
         self.take_start_weights()
-        self.loader = train_loader(self.task, cfg, cfg.seed)
-        self.total_steps = cfg.train.steps or max(1, int(cfg.train.epochs * steps_per_epoch(
-            self.loader, cfg.train.grad_accum)))
+        self.batches = train_batches(self.task, cfg, cfg.seed)
+        self.total_steps = cfg.train.steps or max(1, int(cfg.train.epochs * self.batches.steps_per_epoch))
         self.engine = self.build_engine()
         self.partitioner = self.build_partitioner()
         # Only now, with everything built that can fail at start-up, does the folder get written.
@@ -112,7 +111,7 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Resume or partition before training, run optimizer steps until done, then finish."""
         self.begin()
-        steps = optimizer_steps(self.loader, self.cfg.train.grad_accum, self.state)
+        steps = optimizer_steps(self.task, self.batches, self.state)
         while not self.stop_due():
             position, micro_batches = next(steps)
             self.train_step(position, micro_batches)
@@ -125,7 +124,7 @@ class Trainer:
         interrupted run logged after its checkpoint, so replayed steps are recorded once.
         """
         if self.resume_tag is not None:
-            checkpoint.load(self.engine, self.partitioner, self.run_dir, self.state, self.resume_tag)
+            reshard.restore(self.engine, self.partitioner, self.run_dir, self.state, self.cfg.seed, self.resume_tag)
             log.info("resumed from %s at step %d", self.resume_tag, self.state.step)
         self.monitor = Monitor(self.run_dir.tensorboard, enabled=rank() == 0,
                                purge_step=self.state.step + 1 if self.resume_tag is not None else None)
@@ -139,7 +138,7 @@ class Trainer:
         self.window = LogWindow()
 
     def scoring_loss(self, engine, batch: Batch):
-        return self.task.loss(engine, self.task.prepare(batch, engine.device))
+        return self.task.loss(engine, self.task.prepare(batch, engine.device, train=True))
 
     def stop_due(self) -> bool:
         stop_at = self.cfg.train.stop_at
@@ -152,8 +151,9 @@ class Trainer:
         only on the step number, so every rank enters the same collectives in the same order:
 
         1. ``before_step``: none (scoring switched on or off; the task's hook, e.g. a temperature).
-        2. per micro-batch, ``forward_backward``: the task's ``align`` (text: one scalar all-reduce
-           MAX of the sequence length); in the forward two all-to-alls per MoE layer (dispatch,
+        2. per micro-batch, ``forward_backward``: the task's ``align`` unless it has ``step_length``
+           (text pads to its step's length, known on every rank: no collective); in the forward two
+           all-to-alls per MoE layer (dispatch,
            combine) over its expert-parallel group, and (images) one all-reduce of the BatchNorm
            statistics; in the backward the same all-to-alls in reverse, and at the last
            micro-batch ZeRO's gradient reductions (data-parallel group for replicated parameters,
@@ -218,7 +218,7 @@ class Trainer:
             self.task.before_step(self.engine.module, self.state.step, position)
 
     def forward_backward(self, batch: Batch) -> None:
-        batch = self.task.prepare(batch, self.engine.device)
+        batch = self.task.prepare(batch, self.engine.device, train=True)
         loss = self.task.loss(self.engine, batch)
         aux = moe_aux_loss(self.engine.module)
         self.engine.backward(loss + self.cfg.moe.aux_loss_coef * aux if aux is not None else loss)

@@ -7,6 +7,7 @@
 - ``sync``: rank synchronization of scores, mask agreement checks
 - ``select``: deterministic top-k selection (global or per mask)
 - ``partitioner``: :class:`Partitioner`, the training loop's entry point
+- ``portable``: its checkpointed state independent of the cluster shape (resume on other ranks)
 """
 from .config import PartitionConfig
 

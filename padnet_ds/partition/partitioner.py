@@ -21,6 +21,7 @@ import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm import max_over_ranks, min_over_ranks, rank, world_size as world
@@ -29,11 +30,13 @@ from ..files import atomic_torch_save, safe_load
 from .config import PartitionConfig
 from .schedule import scores_upcoming, step_due, target_ratio
 from .scores import ScoreBook, loss_scale_fn, magnitudes, random_scores
+from .portable import local_sums, portable_state, site_shapes
 from .select import select_each, select_global
 from .sites import Site, find_sites
-from .sync import global_counts, global_imp_scores, global_magnitudes, verify
+from .sync import expert_groups, global_counts, global_imp_scores, global_magnitudes, verify
 
 STATE_FILE = "padnet_partition_rank{}.pt"
+PORTABLE_FILE = "padnet_partition.pt"  # the layout-independent state (portable.py), written by padnet-ds reshard
 
 
 class Partitioner:
@@ -253,10 +256,10 @@ class Partitioner:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state["world"] != world():
             raise CheckpointError(f"partitioner state was saved with {state['world']} ranks, this run has {world()}: "
-                             "accumulated scores are per rank, so resume with the same number of ranks")
+                                  "accumulated scores are per rank, so resume with the same number of ranks")
         if state["layout"] != self._layout():
             raise CheckpointError("partitioner state does not match this model's PAD masks (saved "
-                             f"{[x[0] for x in state['layout']]}): resume with the same model and ep_size")
+                                  f"{[x[0] for x in state['layout']]}): resume with the same model and ep_size")
         self.step, self.ratio = int(state["step"]), float(state["ratio"])
         self.book.load_state_dict(state["scores"])
         self.rng.set_state(state["rng"])
@@ -268,19 +271,65 @@ class Partitioner:
         atomic_torch_save(self.state_dict(), path)
         return path
 
+    def load_portable(self, state: Dict[str, Any]) -> None:
+        """Restore the layout-independent state (portable.py) at this run's ranks."""
+        if state["sites"] != site_shapes(self._layout()):
+            raise CheckpointError("partitioner state does not match this model's PAD masks (saved "
+                                  f"{[x[0] for x in state['sites']]}): resume with the same model")
+        self.step, self.ratio = int(state["step"]), float(state["ratio"])
+        self.rng.set_state(state["rng"])
+        self.log = copy.deepcopy(state["log"])
+        sums = [local_sums(score, site.experts, self._holds_first(site), world())
+                for score, site in zip(state["scores"], self.sites)]
+        self.book.load_state_dict({"sums": sums, "calls": state["calls"],
+                                   "skipped": state["skipped"] if rank() == 0 else 0, "diverged": state["diverged"]})
+
+    def _holds_first(self, site: Site) -> bool:
+        """Whether this rank is the first of those holding ``site``'s masks (portable.py)."""
+        if site.replicated or not dist.is_initialized():
+            return rank() == 0
+        return dist.get_rank(group=expert_groups(site)[1]) == 0
+
     def load(self, checkpoint_dir: str, tag: Optional[str] = None) -> None:
-        """Read this rank's file (``tag`` None = DeepSpeed's ``latest``); masks come with the engine's own load."""
+        """Read the state of checkpoint ``tag`` (None = DeepSpeed's ``latest``); masks come with the engine's own load.
+
+        Written by as many ranks with the same masks per rank: this rank's own file, exactly. Written
+        at another layout (or resharded): the layout-independent state (portable.py).
+        """
         if tag is None:
             with open(os.path.join(checkpoint_dir, "latest")) as f:
                 tag = f.read().strip()
-        path = os.path.join(checkpoint_dir, str(tag), STATE_FILE.format(rank()))
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path} not found: checkpoint {tag} was saved without partitioner.save "
-                                  "(or with fewer ranks)")
+        folder = os.path.join(checkpoint_dir, str(tag))
+        own_path = os.path.join(folder, STATE_FILE.format(rank()))
+        own = _read(own_path) if os.path.isfile(own_path) else None
         try:
-            self.load_state_dict(safe_load(path))
+            if own is not None and own.get("world") == world() and own.get("layout") == self._layout():
+                self.load_state_dict(own)
+            else:
+                self.load_portable(read_portable(folder))
         except (KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"checkpoint file {path} does not hold a partitioner state ({err!r})") from None
+            raise CheckpointError(f"checkpoint {folder}: its partitioner files do not hold a partitioner state "
+                                  f"({err!r})") from None
+
+
+def read_portable(folder: str) -> Dict[str, Any]:
+    """The layout-independent partitioner state of checkpoint folder ``folder`` (no process group): its
+    ``padnet_partition.pt`` (resharded), or every rank's file combined."""
+    if os.path.isfile(os.path.join(folder, PORTABLE_FILE)):
+        return _read(os.path.join(folder, PORTABLE_FILE))
+    first = _read(os.path.join(folder, STATE_FILE.format(0)))
+    return portable_state([first] + [_read(os.path.join(folder, STATE_FILE.format(r)))
+                                     for r in range(1, int(first["world"]))])
+
+
+def _read(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found: the checkpoint was saved without partitioner.save, or is "
+                              "incomplete")
+    state = safe_load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {path} does not hold a partitioner state")
+    return state
 
 
 class _BareEngine:

@@ -145,8 +145,17 @@ CATALOGUE = {"config": {
     "resume-damaged-file": Case(train("resume=true", out="run"), "mp_rank_00_model_states.pt does not match the sha256",
                                 folder="run"),
     "resume-truncated-file": Case(train("resume=true", out="run"), "padnet_rng_rank0.pt has 10 bytes", folder="run"),
-    "resume-other-world": Case(train("resume=true", out="run"), "was written by 2 ranks and this run has 1",
+    # reshard (engine/reshard.py): resuming at another world size is not an error, a layout that cannot be is
+    "reshard-ep-size": Case(lambda p: ["reshard", str(p.run), str(p.fresh), "--world-size", "3", "--ep-size", "3"],
+                            "--ep-size 3 does not divide the 2 experts", folder="run"),
+    "reshard-world-size": Case(lambda p: ["reshard", str(p.run), str(p.fresh), "--world-size", "3",
+                                          "--ep-size", "2"], "--world-size 3 is not divisible by --ep-size 2",
                                folder="run"),
+    "reshard-out-exists": Case(lambda p: ["reshard", str(p.run), str(p.run), "--world-size", "1", "--ep-size", "1"],
+                               "run already exists", folder="run"),
+    "reshard-truncated-shard": Case(lambda p: ["reshard", str(p.run), str(p.fresh), "--world-size", "2",
+                                               "--ep-size", "2"], "zero_pp_rank_0_mp_rank_00_optim_states.pt has 10 "
+                                    "bytes", folder="run"),
     "resume-crafted-pickle": Case(train("resume=true", out="run"), "zero_pp_rank_0_mp_rank_00_optim_states.pt holds "
                                   "pickled content", folder="run", builds_model=True),
     "eval-missing-folder": Case(lambda p: ["eval", str(p.tmp / "nowhere")], "nowhere is not a folder"),
@@ -174,11 +183,12 @@ def damage(case: str, run: Path, tmp: Path) -> None:
         (tag / "mp_rank_00_model_states.pt").write_bytes(bytes(data))
     elif case == "resume-truncated-file":
         (tag / "padnet_rng_rank0.pt").write_bytes((tag / "padnet_rng_rank0.pt").read_bytes()[:10])
-    elif case in ("resume-other-world", "resume-crafted-pickle", "inspect-damaged-manifest"):
+    elif case == "reshard-truncated-shard":
+        shard = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        shard.write_bytes(shard.read_bytes()[:10])
+    elif case in ("resume-crafted-pickle", "inspect-damaged-manifest"):
         manifest = read_manifest(tag)
-        if case == "resume-other-world":
-            manifest["meta"]["world_size"] = 2
-        elif case == "resume-crafted-pickle":  # a crafted file and a manifest forged to match it
+        if case == "resume-crafted-pickle":  # a crafted file and a manifest forged to match it
             from tests.test_files import crafted
 
             name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -215,7 +225,7 @@ def run_case(name: str, case: Case, paths: Paths, spy: Dict[str, int]) -> dict:
     elapsed = time.perf_counter() - t0
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    changed = (snapshot(paths.run) != before) if before is not None else paths.fresh.exists()
+    changed = (before is not None and snapshot(paths.run) != before) or paths.fresh.exists()
     return dict(rc=rc, err=err.getvalue(), raised=raised, elapsed=elapsed, built=spy["built"], changed=changed)
 
 
