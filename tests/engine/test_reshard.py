@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from padnet_ds.commit import complete_tags, verify_tag
 from padnet_ds.engine.checkpoint_reader import read_checkpoint
 from padnet_ds.engine.inspect import inspect_checkpoint
-from padnet_ds.errors import CheckpointError
 from padnet_ds.engine.optim_files import zero_file
-import padnet_ds.engine.reshard as reshard_module
-from padnet_ds.commit import complete_tags, verify_tag
 from padnet_ds.engine.reshard import reshard
+import padnet_ds.engine.reshard as reshard_module
+from padnet_ds.errors import CheckpointError
+from padnet_ds.export.writer import export_run
 from padnet_ds.pad.packed import mask_of
 from padnet_ds.settings import ConfigError
 from padnet_ds.testing import run_ranks
@@ -108,6 +109,10 @@ def test_a_2_rank_ep2_zero2_run_resumes_on_1_rank_ep1_exactly_on_the_fly_and_res
     assert sorted(before.replicated) == sorted(after.replicated) and before.experts.keys() == after.experts.keys()
     assert all(torch.equal(before.replicated[k], after.replicated[k]) for k in before.replicated)
     assert inspect_checkpoint(str(root / "cut"))["world_size"] == 2
+    for run in ("cut", "out1"):  # export reads both layouts, to the same served weights
+        export_run(str(root / run), str(root / f"export-{run}"))
+    assert (root / "export-cut" / "model.safetensors").read_bytes() == \
+        (root / "export-out1" / "model.safetensors").read_bytes()
 
     shutil.copytree(root / "cut", root / "fly")
     fly, resharded = run_ranks(runs_in_ranks, 1,
