@@ -163,9 +163,9 @@ def window_precisions(per_step, planted_flat, ratio: float, starts, lengths) -> 
     """For windows [a, a+n): precision of the top ``ratio`` by |sum s_t| and by sum |s_t|; coherence on/off P."""
     import torch
 
-    from padnet_ds.partition.select import keep_count, top_k
+    from padnet_ds.partition.select import dynamic_count, top_k
 
-    k = keep_count(planted_flat.numel(), ratio)
+    k = dynamic_count(planted_flat.numel(), ratio)
     signed = torch.cat([torch.zeros_like(per_step[:1]), per_step.cumsum(0)])  # [steps + 1, n]
     absolute = torch.cat([torch.zeros_like(per_step[:1]), per_step.abs().cumsum(0)])
 
