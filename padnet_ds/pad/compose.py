@@ -96,7 +96,11 @@ class Composition:
 
     def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """``F.linear(x, W_eff, bias)`` for one expert's ``W_e``/``b_e``."""
-        return expert_linear(self, _ExpertLinear, x, weight, bias)
+        return expert_linear(self, x, weight, bias)
+
+    def weight_grad(self, grad: Tensor, weight: Tensor, hubbed: bool) -> Tensor:
+        """``dL/dW_e = G_e * Md`` from ``G_e``; through :meth:`collect` when the hub needs the layer sums."""
+        return self.collect(grad, weight) if hubbed else grad.mul_(self.mdyn)
 
     def collect(self, grad: Tensor, weight: Tensor) -> Tensor:
         """Add one expert's ``G_e`` into the layer sums; returns ``G_e * Md`` (= dL/dW_e), in place where possible."""
@@ -118,16 +122,16 @@ class Composition:
         return grad
 
 
-def expert_linear(comp, function, x: Tensor, own: Tensor, bias: Optional[Tensor]) -> Tensor:
+def expert_linear(comp, x: Tensor, own: Tensor, bias: Optional[Tensor]) -> Tensor:
     """One expert linear through composition ``comp`` (dense or packed; ``own`` is its ``W_e`` or ``v_e``).
 
-    Without autograd (eval, no hub) a plain ``F.linear`` on the composed weight; otherwise the
-    autograd ``function``, which recomposes in backward instead of keeping ``W_eff``.
+    Without autograd (eval, no hub) a plain ``F.linear`` on the composed weight; otherwise
+    :class:`_ExpertLinear`, which recomposes in backward instead of keeping ``W_eff``.
     """
     if comp.token is None and not (torch.is_grad_enabled() and (x.requires_grad or own.requires_grad)):
         y = F.linear(x, comp.compose(own), bias)
     else:
-        y = function.apply(x, own, bias, comp.token, comp)
+        y = _ExpertLinear.apply(x, own, bias, comp.token, comp)
     if comp.single_use:
         comp.token = None  # the hub's context refers back to the composition: do not keep a cycle alive
     return y
@@ -169,44 +173,46 @@ class _Hub(torch.autograd.Function):
 
 
 class _ExpertLinear(torch.autograd.Function):
-    """``y = x @ (S + Md * W_e).T + b_e``, saving only ``x`` and ``W_e`` for backward."""
+    """``y = x @ W_eff(e).T + b_e``, saving only ``x`` and the expert's own tensor for backward.
+
+    ``own`` is ``W_e`` (dense, :class:`Composition`) or ``v_e`` (packed,
+    ``pad.packed.PackedComposition``); the composition composes ``W_eff(e)`` from it and turns
+    ``G_e = dL/dW_eff(e)`` into its gradient (``weight_grad``).
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], token: Optional[Tensor],
-                comp: Composition) -> Tensor:
+    def forward(ctx, x: Tensor, own: Tensor, bias: Optional[Tensor], token: Optional[Tensor], comp) -> Tensor:
         ctx.comp = comp
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         # As one matrix: a non-contiguous expert chunk (DeepSpeed's dispatch) would otherwise go
         # through bmm, slower than the single GEMM nn.Linear gets (and copy again in backward).
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight)
-        y = F.linear(x2, comp.compose(weight), bias)
+        x2 = x.reshape(-1, x.shape[-1])  # [rows, in]
+        ctx.save_for_backward(x2, own)
+        y = F.linear(x2, comp.compose(own), bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x2, weight = ctx.saved_tensors
-        comp: Composition = ctx.comp
-        need_x, need_w, need_b, need_hub, _ = ctx.needs_input_grad
-        grad_x = grad_w = grad_b = grad_token = None
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2, own = ctx.saved_tensors
+        comp = ctx.comp
+        need_x, need_own, need_b, need_hub, _ = ctx.needs_input_grad
+        grad_x = grad_own = grad_b = grad_token = None
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # [rows, out]
         # Under torch.autocast the forward GEMM ran in a lower precision than the weights; the
         # backward GEMMs run in it too (the casts are no-ops otherwise).
         low = grad_out.dtype
         if need_x:
-            grad_x = g2.mm(comp.compose(weight).to(low)).to(x2.dtype).view(ctx.x_shape)
-        if need_w or need_hub:
-            grad = g2.t().mm(x2.to(low)).to(weight.dtype)  # G_e = dL/dW_eff(e)
+            grad_x = g2.mm(comp.compose(own).to(low)).to(x2.dtype).view(ctx.x_shape)
+        if need_own or need_hub:
+            grad = g2.t().mm(x2.to(low)).to(own.dtype)  # G_e = dL/dW_eff(e), [out, in]
+            grad = comp.weight_grad(grad, own, need_hub)
+            grad_own = grad if need_own else None
             if need_hub:
-                grad = comp.collect(grad, weight)
                 grad_token = grad_out.new_zeros(0)
-            else:
-                grad.mul_(comp.mdyn)
-            grad_w = grad if need_w else None
         if need_b and ctx.has_bias:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, grad_token, None
+        return grad_x, grad_own, grad_b, grad_token, None
 
 
 def lambda_pair(mode: str, phi: Tensor) -> Tuple[Tensor, Tensor]:

@@ -167,10 +167,7 @@ class _GroupedExpertLinear(torch.autograd.Function):
                 grad_x = grad_x.to(x.dtype)
         grad_w: List[Optional[Tensor]] = []
         for j in range(n):
-            if plan.hubbed[j]:
-                grad = plan.comps[j].collect(grads[j], weights[j])
-            else:
-                grad = grads[j].mul_(plan.comps[j].mdyn)
+            grad = plan.comps[j].weight_grad(grads[j], weights[j], plan.hubbed[j])
             grad_w.append(grad if need_w[j] else None)
         grad_b = [g[lo:hi].sum(0) if need_b[j] else None for j, lo, hi in plan.segments()] if plan.has_bias else []
         grad_tokens = [grad_out.new_zeros(0)] * plan.n_tokens

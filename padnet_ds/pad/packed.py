@@ -40,7 +40,6 @@ from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .compose import PADUnit, check_lambda_mode, expert_linear, flat_dot
@@ -186,7 +185,11 @@ class PackedComposition:
 
     def linear(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
         """``F.linear(x, W_eff, bias)`` for one expert's packed ``v_e``/``b_e``."""
-        return expert_linear(self, _PackedExpertLinear, x, values, bias)
+        return expert_linear(self, x, values, bias)
+
+    def weight_grad(self, grad: Tensor, values: Tensor, hubbed: bool) -> Tensor:
+        """``dL/dv_e`` from ``G_e``: always :meth:`collect` (the gather it does is the gradient itself)."""
+        return self.collect(grad, values)
 
     def collect(self, grad: Tensor, values: Tensor) -> Tensor:
         """Take one expert's ``G_e`` into the layer sums; returns ``dL/dv_e = lambda_d G_e[idx]``."""
@@ -232,41 +235,6 @@ class _PackedHub(torch.autograd.Function):
             if need_s:
                 grad_s = at_static.mul_(comp.lam_s).view(static.shape)
         return grad_s, grad_ld, grad_ls, None
-
-
-class _PackedExpertLinear(torch.autograd.Function):
-    """``y = x @ W_eff(e).T + b_e`` from packed ``v_e``, saving only ``x`` and ``v_e`` for backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, bias: Optional[Tensor], token: Optional[Tensor],
-                comp: PackedComposition) -> Tensor:
-        ctx.comp = comp
-        ctx.has_bias = bias is not None
-        ctx.x_shape = x.shape
-        x2 = x.reshape(-1, x.shape[-1])  # [rows, in]: one GEMM even for DeepSpeed's non-contiguous chunks
-        ctx.save_for_backward(x2, values)
-        y = F.linear(x2, comp.compose(values), bias)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x2, values = ctx.saved_tensors
-        comp: PackedComposition = ctx.comp
-        need_x, need_v, need_b, need_hub, _ = ctx.needs_input_grad
-        grad_x = grad_v = grad_b = grad_token = None
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # [rows, out]
-        low = grad_out.dtype  # under autocast the backward GEMMs run in the forward's precision
-        if need_x:
-            grad_x = g2.mm(comp.compose(values).to(low)).to(x2.dtype).view(ctx.x_shape)
-        if need_v or need_hub:
-            grad = g2.t().mm(x2.to(low)).to(values.dtype)  # G_e = dL/dW_eff(e), [out, in]
-            picked = comp.collect(grad, values)
-            grad_v = picked if need_v else None
-            if need_hub:
-                grad_token = grad_out.new_zeros(0)
-        if need_b and ctx.has_bias:
-            grad_b = g2.sum(0)
-        return grad_x, grad_v, grad_b, grad_token, None
 
 
 # -- the packed unit -----------------------------------------------------------------------------
