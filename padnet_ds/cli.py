@@ -77,20 +77,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .comm import peer_failed
     from .errors import InputError
 
+    commands = {"train": _train, "eval": _eval, "study": _study, "inspect": _inspect, "reshard": _reshard,
+                "export": _export, "predict": _predict}
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "study":
-            return _study(args)
-        if args.command == "reshard":
-            return _reshard(args)
-        if args.command == "export":
-            return _export(args)
-        if args.command == "predict":
-            return _predict(args)
-        return _inspect(args)
+        return commands[args.command](args)
     except (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         return _fail(f"error: {err}", 2)
     except Exception as err:  # noqa: BLE001 - decides how a rank of a multi-rank job ends

@@ -20,7 +20,21 @@ from ..pad.compose import PADUnit
 from ..pad.packed import check_packed, gather_at, mask_of, positions_of, scatter_at
 
 
-class PADExpertLinear(nn.Module):
+class _BoundToUnit(nn.Module):
+    """An expert linear that composes through its layer's PAD unit (``bind``), kept out of the module
+    tree on purpose: the unit is replicated state, the expert linear an expert parameter holder."""
+
+    def bind(self, unit: PADUnit) -> None:
+        self.__dict__["unit"] = unit
+
+    def bound_unit(self) -> PADUnit:
+        unit: Optional[PADUnit] = self.__dict__.get("unit")
+        if unit is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to a PAD unit: build it through padnet_ds.PADMoE")
+        return unit
+
+
+class PADExpertLinear(_BoundToUnit):
     """One expert's dense dynamic factor ``W_e`` and bias ``b_e`` (and its own mask with per-expert masks)."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor] = None) -> None:
@@ -39,14 +53,8 @@ class PADExpertLinear(nn.Module):
         mask = torch.ones_like(linear.weight, dtype=torch.bool) if per_expert_mask else None
         return cls(linear.weight, linear.bias, mask)
 
-    def bind(self, unit: PADUnit) -> None:
-        self.__dict__["unit"] = unit
-
     def forward(self, x: Tensor) -> Tensor:
-        unit: Optional[PADUnit] = self.__dict__["unit"]
-        if unit is None:
-            raise RuntimeError("PADExpertLinear is not bound to a PAD unit: build it through padnet_ds.PADMoE")
-        return unit.composition(self).linear(x, self.weight, self.bias)
+        return self.bound_unit().composition(self).linear(x, self.weight, self.bias)
 
     def set_mask(self, mask: Tensor) -> None:
         if self.mask is None:
@@ -58,7 +66,7 @@ class PADExpertLinear(nn.Module):
                f"mask={'per-expert' if self.mask is not None else 'shared'}"
 
 
-class PackedExpertLinear(nn.Module):
+class PackedExpertLinear(_BoundToUnit):
     """One expert's packed dynamic factor (``pad.packed``): ``values`` = ``W_e`` at the mask's
     dynamic positions, ``b_e``, and with per-expert masks its own int32 ``positions``."""
 
@@ -76,14 +84,8 @@ class PackedExpertLinear(nn.Module):
             self.positions = None
         self.__dict__["unit"] = None
 
-    def bind(self, unit: PADUnit) -> None:
-        self.__dict__["unit"] = unit
-
     def forward(self, x: Tensor) -> Tensor:
-        unit: Optional[PADUnit] = self.__dict__["unit"]
-        if unit is None:
-            raise RuntimeError("PackedExpertLinear is not bound to a PAD unit: build it through padnet_ds.PADMoE")
-        return unit.composition(self).linear(x, self.values, self.bias)
+        return self.bound_unit().composition(self).linear(x, self.values, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, " \
