@@ -108,9 +108,19 @@ def _mapping(path: Path, obj: Any, key: Optional[str] = None) -> Dict[str, Any]:
     return value
 
 
-def read_checkpoint(path: str) -> CheckpointState:
-    """The checkpoint ``path`` names (the newest verified tag of a run folder by default), on the CPU."""
-    run, tag_dir = resolve(path)
+def read_checkpoint(path: str, verified: bool = False) -> CheckpointState:
+    """The checkpoint ``path`` names (the newest verified tag of a run folder by default), on the CPU.
+
+    ``verified=True``: ``path`` is a tag folder the caller has just chosen with
+    :func:`~padnet_ds.commit.choose_tag` (every rank hashing its share), so it is not hashed again.
+    """
+    if verified:
+        run, ckpt, tag = locate(path)
+        if tag is None:
+            raise ValueError(f"read_checkpoint(verified=True) needs a tag folder, not {path}")
+        tag_dir = ckpt / tag
+    else:
+        run, tag_dir = resolve(path)
     states = safe_load(tag_dir / MODEL_STATES)
     module = _mapping(tag_dir / MODEL_STATES, states, "module")
     config = RunDir(str(run)).saved_config()

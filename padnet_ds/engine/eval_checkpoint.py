@@ -48,7 +48,7 @@ def evaluate_run(path: str, overrides: Sequence[str] = (), predictions: Optional
     tag_dir = folder / tag
     seed_everything(cfg.seed)
     task = build_task(cfg)
-    saved_state = read_checkpoint(str(tag_dir))
+    saved_state = read_checkpoint(str(tag_dir), verified=True)  # chosen just above, on every rank
     check_packed_checkpoint(saved_state)
     state = local_state(task.model, saved_state)
     if is_packed_state(state):  # a packed checkpoint loads into a model packed like it

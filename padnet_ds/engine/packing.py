@@ -84,7 +84,7 @@ def starting_checkpoint(cfg: RunConfig, run_dir: RunDir, resume_tag: Optional[st
     if cfg.init_from is not None:
         ckpt, how = read_checkpoint(cfg.init_from), f"init_from={cfg.init_from}"
     elif resume_tag is not None:
-        ckpt, how = read_checkpoint(str(run_dir.checkpoints / resume_tag)), "resume=true"
+        ckpt, how = read_checkpoint(str(run_dir.checkpoints / resume_tag), verified=True), "resume=true"
     else:
         return None
     packed = is_packed_state(ckpt.replicated) or any(is_packed_state(state) for by_id in ckpt.experts.values()
