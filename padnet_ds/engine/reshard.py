@@ -84,19 +84,20 @@ def read_optimizer(tag_dir: Path, layout: Layout, states: Dict[str, Any], names:
 
 
 # -- resume at the launch's layout ----------------------------------------------------------------
-def restore(engine, partitioner, run_dir: RunDir, state: LoopState, seed: int, tag: str) -> None:
-    """Restore checkpoint ``tag`` of ``run_dir`` (verified: checkpoint.resume_tag) into this launch's engine.
+def restore(engine, partitioner, run_dir: RunDir, state: LoopState, seed: int, tag: str, saved: Layout) -> None:
+    """Restore checkpoint ``tag`` of ``run_dir`` (verified: checkpoint.resume_tag), written at layout
+    ``saved`` (its ``CheckpointState.layout``), into this launch's engine.
 
     DeepSpeed's own load when the checkpoint was written at this layout (bit for bit);
     otherwise converted on the fly (module docstring), saying so in the log.
     """
     ckpt = run_dir.checkpoints
     tag_dir = ckpt / tag
-    saved, states = read_layout(tag_dir, run_dir.saved_config())
     now = of_engine(engine)
     if not saved.portable and saved.shape() == now.shape():
         checkpoint.load(engine, partitioner, run_dir, state, tag)
         return
+    _, states = read_layout(tag_dir, run_dir.saved_config())  # its model states: the optimizer's and the step
     log.info("checkpoint %s was written at %s; this run is %s: converting its optimizer and partitioner state on the "
              "fly (padnet-ds reshard)", tag_dir, saved.describe(), now.describe())
     if saved.global_batch and saved.global_batch != now.global_batch:

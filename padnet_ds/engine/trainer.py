@@ -124,7 +124,8 @@ class Trainer:
         interrupted run logged after its checkpoint, so replayed steps are recorded once.
         """
         if self.resume_tag is not None:
-            reshard.restore(self.engine, self.partitioner, self.run_dir, self.state, self.cfg.seed, self.resume_tag)
+            reshard.restore(self.engine, self.partitioner, self.run_dir, self.state, self.cfg.seed, self.resume_tag,
+                            self.start.layout)
             log.info("resumed from %s at step %d", self.resume_tag, self.state.step)
         self.monitor = Monitor(self.run_dir.tensorboard, enabled=rank() == 0,
                                purge_step=self.state.step + 1 if self.resume_tag is not None else None)
