@@ -101,6 +101,14 @@ def read_experts(tag_dir: Path) -> ExpertStates:
     return experts
 
 
+def model_states(tag_dir: Path) -> Dict[str, Any]:
+    """The tag's DeepSpeed model-states file (replicated parameters and client state), loaded weights-only."""
+    path = tag_dir / MODEL_STATES
+    states = safe_load(path)
+    _mapping(path, states, "module")
+    return states
+
+
 def _mapping(path: Path, obj: Any, key: Optional[str] = None) -> Dict[str, Any]:
     value = obj.get(key) if key is not None and isinstance(obj, dict) else obj
     if not isinstance(value, dict):
@@ -121,8 +129,8 @@ def read_checkpoint(path: str, verified: bool = False) -> CheckpointState:
         tag_dir = ckpt / tag
     else:
         run, tag_dir = resolve(path)
-    states = safe_load(tag_dir / MODEL_STATES)
-    module = _mapping(tag_dir / MODEL_STATES, states, "module")
+    states = model_states(tag_dir)
+    module = states["module"]
     config = RunDir(str(run)).saved_config()
     return CheckpointState(run=run, tag_dir=tag_dir, config=config, replicated=dict(module),
                            experts=read_experts(tag_dir), loop_state=dict(states.get(CLIENT_KEY) or {}),

@@ -44,7 +44,7 @@ from ..files import atomic_torch_save, atomic_write_text, safe_load
 from ..partition.partitioner import PORTABLE_FILE, STATE_FILE, read_portable
 from ..settings import ConfigError
 from . import checkpoint, optim_state
-from .checkpoint_reader import EXPERT_FILE, MODEL_STATES, read_experts, resolve
+from .checkpoint_reader import EXPERT_FILE, MODEL_STATES, model_states, read_experts, resolve
 from .layout import LAYOUT_KEY, Layout, check_target, global_names, of_checkpoint, of_engine
 from .optim_files import OptimizerState, read_deepspeed, read_portable as read_portable_optimizer
 from .optim_files import write_portable
@@ -59,10 +59,7 @@ BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "
 # -- reading a checkpoint at any layout -----------------------------------------------------------
 def read_layout(tag_dir: Path, config: Dict[str, Any]) -> Tuple[Layout, Dict[str, Any]]:
     """The layout a checkpoint was written at, and its model-states file."""
-    path = tag_dir / MODEL_STATES
-    states = safe_load(path)
-    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
-        raise CheckpointError(f"checkpoint file {path} does not hold DeepSpeed model states")
+    states = model_states(tag_dir)
     return of_checkpoint(states, config), states
 
 
