@@ -31,15 +31,13 @@ from ..commit import MANIFEST, PARTIAL, choose_tag
 from ..errors import CheckpointError
 from ..files import safe_load
 from .checkpoint import CLIENT_KEY, FOOTPRINT_KEY
-from .layout import Layout, of_checkpoint
+from .layout import EXPERT_NAME, EXPERT_PREFIX, Layout, of_checkpoint
 from .run_dir import RunDir
 
 log = logging.getLogger("padnet_ds")
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt")
-EXPERT_KEY = re.compile(r"(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)")
-EXPERT_PREFIX = "{layer}.deepspeed_moe.experts.deepspeed_experts.{expert}."
 
 ExpertStates = Dict[str, Dict[int, Dict[str, torch.Tensor]]]
 
@@ -95,7 +93,7 @@ def read_experts(tag_dir: Path) -> ExpertStates:
     for f in sorted(tag_dir.iterdir()):
         if EXPERT_FILE.fullmatch(f.name):
             for key, t in _mapping(f, safe_load(f)).items():
-                m = EXPERT_KEY.fullmatch(key)
+                m = EXPERT_NAME.fullmatch(key)
                 if m:
                     experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
     return experts

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..files import safe_load
-from .layout import EXPERT_NAME, Layout, global_expert_name
+from .layout import EXPERT_NAME, EXPERT_PREFIX, Layout, global_expert_name
 from .optim_state import ParamState
 
 Wanted = Optional[Callable[[str], bool]]
@@ -134,7 +134,7 @@ def _local_name(name: str, layout: Layout) -> str:
         return name
     layer = m.group(1)
     per_rank = layout.num_experts[layer] // layout.ep_size[layer]
-    return f"{layer}.deepspeed_moe.experts.deepspeed_experts.{int(m.group(2)) % per_rank}.{m.group(3)}"
+    return EXPERT_PREFIX.format(layer=layer, expert=int(m.group(2)) % per_rank) + m.group(3)
 
 
 def _read_stage0(files: List[Path], layout: Layout, weights: Dict[str, Tensor], wanted: Wanted) -> OptimizerState:

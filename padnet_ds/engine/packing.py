@@ -29,7 +29,8 @@ from ..pad.packed import dense_sources, mask_of, pack_model
 from ..settings import ConfigError
 from . import optim_state
 from .checkpoint import rng_state, set_rng_state
-from .checkpoint_reader import EXPERT_PREFIX, CheckpointState, read_checkpoint
+from .checkpoint_reader import CheckpointState, read_checkpoint
+from .layout import EXPERT_PREFIX
 from .config import RunConfig
 from .run_dir import RunDir
 from .setup import release_engine
@@ -117,7 +118,7 @@ def local_state(model: nn.Module, ckpt: CheckpointState) -> Dict[str, Tensor]:
                 raise ConfigError(f"checkpoint {ckpt.tag_dir} has no expert {gid} of MoE layer {name} (it holds "
                                   f"{sorted(by_id)}): it is from a model with other moe settings")
             for key, t in by_id[gid].items():
-                state[f"{name}.deepspeed_moe.experts.deepspeed_experts.{i}.{key}"] = t
+                state[EXPERT_PREFIX.format(layer=name, expert=i) + key] = t
     return state
 
 

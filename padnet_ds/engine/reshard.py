@@ -45,7 +45,7 @@ from ..partition.partitioner import PORTABLE_FILE, STATE_FILE, read_portable
 from ..settings import ConfigError
 from . import checkpoint, optim_state
 from .checkpoint_reader import EXPERT_FILE, MODEL_STATES, model_states, read_experts, resolve
-from .layout import LAYOUT_KEY, Layout, check_target, global_names, of_checkpoint, of_engine
+from .layout import EXPERT_PREFIX, LAYOUT_KEY, Layout, check_target, global_names, of_checkpoint, of_engine
 from .optim_files import OptimizerState, read_deepspeed, read_portable as read_portable_optimizer
 from .optim_files import write_portable
 from .run_dir import RunDir
@@ -68,7 +68,7 @@ def model_weights(tag_dir: Path, states: Dict[str, Any]) -> Dict[str, torch.Tens
     weights = dict(states["module"])
     for layer, by_id in read_experts(tag_dir).items():
         for gid, named in by_id.items():
-            weights.update({f"{layer}.deepspeed_moe.experts.deepspeed_experts.{gid}.{n}": t for n, t in named.items()})
+            weights.update({EXPERT_PREFIX.format(layer=layer, expert=gid) + n: t for n, t in named.items()})
     return weights
 
 
